@@ -1,0 +1,142 @@
+"""`finetune` command line: parse, then call the library. Errors a user can fix print one line, exit 2."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import FinetuneError
+
+DEFAULT_RECIPE = "dreambooth_lora"
+
+
+def recipe_module(name: str):
+    try:
+        return importlib.import_module(f"recipes.{name}")
+    except ModuleNotFoundError:
+        raise FinetuneError(f"recipe: {name!r} is not a recipe; see the recipes/ folder") from None
+
+
+def load_recipe_config(path: str | None, overrides: list[str], recipe: str | None = None):
+    """(recipe module, typed config) for a YAML file whose `recipe:` key names the recipe."""
+    from . import config as config_lib
+
+    data = config_lib.read_yaml(path) if path else {}
+    name = recipe or data.pop("recipe", DEFAULT_RECIPE)
+    data.pop("recipe", None)
+    module = recipe_module(name)
+    return module, config_lib.build(module.Config, config_lib.apply_overrides(data, overrides))
+
+
+def cmd_train(args) -> None:
+    module, cfg = load_recipe_config(args.config, args.overrides)
+    module.main(cfg)
+
+
+def cmd_show_config(args) -> None:
+    import yaml
+
+    from .config import field_docs, to_dict
+    module, cfg = load_recipe_config(args.config, args.overrides)
+    if args.docs:
+        for key, default, doc in field_docs(module.Config):
+            print(f"{key:36s} {default:42s} {doc}")
+    else:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+
+
+def cmd_generate(args) -> None:
+    from .config import ModelConfig
+    from .data.images import image_grid
+    from .inference import device_and_dtype, generate, load_loras, parse_lora_arg, set_scheduler
+    from .models import load_pipeline
+
+    device, dtype = device_and_dtype(args.device)
+    pipe = load_pipeline(ModelConfig(pretrained=args.model), dtype=dtype)
+    load_loras(pipe, [parse_lora_arg(text) for text in args.lora])
+    set_scheduler(pipe, args.scheduler)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    images = generate(pipe, args.prompt, args.num_images, args.seed, args.steps, args.guidance, args.resolution)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(out / f"{i:04d}.png")
+    image_grid(images, rows=len(args.prompt)).save(out / "grid.png")
+    print(f"wrote {len(images)} images and grid.png to {out}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+    run_demo(Path(args.out), steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train with a recipe config: finetune train CONFIG [section.key=value ...]")
+    train.add_argument("config", help="YAML config (see recipes/configs/)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=800")
+    train.set_defaults(func=cmd_train)
+
+    show = sub.add_parser("show-config", help="print the resolved config (or every field with --docs)")
+    show.add_argument("config", nargs="?")
+    show.add_argument("overrides", nargs="*")
+    show.add_argument("--docs", action="store_true", help="list every key with its default and meaning")
+    show.set_defaults(func=cmd_show_config)
+
+    gen = sub.add_parser("generate", help="generate images with a base model and LoRAs")
+    gen.add_argument("--model", required=True, help="base model: Hub id, diffusers folder or .safetensors file")
+    gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                     help="LoRA file or run folder, optionally with its scale; repeat for several")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several")
+    gen.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    gen.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k")
+    gen.add_argument("--steps", type=int, default=25, help="sampler steps")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--scheduler", default="dpm++", help="dpm++, ddim, euler, euler_a, pndm or default")
+    gen.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
+    gen.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    gen.add_argument("--out", default="generated", help="folder for the PNGs and grid.png")
+    gen.set_defaults(func=cmd_generate)
+
+    demo = sub.add_parser("demo", help="offline demo: tiny model, real photos, train, export, generate")
+    demo.add_argument("--out", default="demo-output", help="folder for everything the demo writes")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Our progress bars and notices, not the libraries' loading chatter."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("accelerate", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import diffusers.utils.logging
+    import transformers.utils.logging
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FinetuneError as exc:
+        print(f"finetune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("finetune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

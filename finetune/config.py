@@ -1,0 +1,235 @@
+"""Typed configs: dataclasses with a one-line doc per field, built from YAML plus dotted overrides.
+
+Every key is checked against the dataclass: an unknown or misspelled key, or a value of the wrong type, fails
+with the dotted key named, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+def option(default: Any, doc: str) -> Any:
+    """A dataclass field with its one-line documentation attached (shown by `finetune show-config`)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass the path of a YAML file (see recipes/configs/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML ({first_line}); fix the file and run again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train:, ...)")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings; values are parsed as YAML scalars (`true`, `1e-4`, `[a, b]`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: write it as section.key=value, e.g. train.max_steps=800")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def build(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict, checking every key and every value's type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = prefix + unknown[0]
+        close = [prefix + name for name in fields if _similar(name, unknown[0])]
+        hint = f"; did you mean {close[0]}?" if close else f"; known keys here: {', '.join(sorted(fields))}"
+        raise ConfigError(f"unknown config key {key}{hint}")
+    values = {name: _convert(hints[name], value, prefix + name) for name, value in data.items()}
+    return cls(**values)
+
+
+def load(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
+    """Read a YAML file (or nothing), apply dotted overrides, and build the typed config."""
+    data = read_yaml(path) if path else {}
+    return build(cls, apply_overrides(data, list(overrides)))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every leaf field: the reference table in README and `show-config`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += field_docs(hints[f.name], prefix + f.name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
+    return rows
+
+
+def _similar(a: str, b: str) -> bool:
+    a, b = a.lower(), b.lower()
+    if a in b or b in a:
+        return True
+    common = sum(min(a.count(c), b.count(c)) for c in set(a))
+    return common >= 0.75 * max(len(a), len(b))
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value if value is not None else {}, key + ".")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key) if len(inner) == 1 else value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]
+        return [_convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+# Sections shared by the recipes. A recipe's Config composes the ones it needs.
+
+@dataclasses.dataclass
+class ModelConfig:
+    pretrained: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                             "Hub id, local diffusers folder, or single-file .safetensors checkpoint")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the base model")
+    variant: str | None = option(None, "weight variant to load from the Hub, e.g. fp16")
+    single_file_config: str | None = option(None, "for a single-file checkpoint: Hub id or folder holding its "
+                                                  "diffusers configs (default: inferred by diffusers)")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    instance_dir: str = option("", "folder of subject photos (jpg/png/webp); a .txt beside a photo is its caption")
+    instance_prompt: str = option("a photo of sks dog", "prompt with the trigger phrase, used for uncaptioned photos")
+    class_dir: str | None = option(None, "folder of class images for prior preservation (generated if short)")
+    class_prompt: str = option("a photo of dog", "prompt describing the class, without the trigger phrase")
+    caption_extension: str = option(".txt", "file ending of per-photo caption files")
+    center_crop: bool = option(True, "center crop (true) or random crop (false) after resizing the short side")
+    random_flip: bool = option(False, "flip photos horizontally at random")
+    repeats: int = option(1, "how many times each instance photo appears per epoch")
+
+    def __post_init__(self):
+        check(self.repeats >= 1, "data.repeats", "must be at least 1")
+
+
+@dataclasses.dataclass
+class PriorConfig:
+    num_class_images: int = option(100, "class images to train with; missing ones are generated (0 turns prior "
+                                        "preservation off)")
+    loss_weight: float = option(1.0, "weight of the class-image loss against the instance loss")
+    generation_batch_size: int = option(4, "class images generated per batch")
+    generation_steps: int = option(25, "sampler steps per generated class image")
+    generation_scheduler: str = option("dpm++", "sampler for class images: dpm++, ddim, euler, pndm or default")
+    guidance_scale: float = option(7.5, "classifier-free guidance scale for class images")
+
+    def __post_init__(self):
+        check(self.num_class_images >= 0, "prior.num_class_images", "must be 0 (off) or more")
+        check(self.generation_batch_size >= 1, "prior.generation_batch_size", "must be at least 1")
+        check(self.generation_steps >= 1, "prior.generation_steps", "must be at least 1")
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    rank: int = option(4, "LoRA rank (dimension of the low-rank update)")
+    alpha: float = option(4.0, "LoRA alpha; the update is scaled by alpha / rank (kept in the exported file)")
+    dropout: float = option(0.0, "dropout on the LoRA branch during training")
+    unet_targets: Literal["cross_attention", "all_attention"] = option(
+        "cross_attention", "U-Net layers that get LoRA: cross_attention (attn2 q/k/v/out) or all_attention")
+    text_encoder: bool = option(False, "also train LoRA on the text encoder's q/k/v/out projections")
+
+    def __post_init__(self):
+        check(self.rank >= 1, "lora.rank", "must be at least 1")
+        check(self.alpha > 0, "lora.alpha", "must be positive")
+        check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    max_steps: int = option(400, "optimizer steps to train")
+    learning_rate: float = option(1e-4, "peak learning rate")
+    batch_size: int = option(1, "instance images per step per GPU (as many class images are added)")
+    gradient_accumulation: int = option(1, "micro-batches accumulated per optimizer step")
+    resolution: int = option(512, "training resolution in pixels (square)")
+    seed: int = option(0, "seed for data order, noise, timesteps and LoRA initialisation")
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("fp16", "precision of the frozen weights and "
+                                                                     "activations (LoRA stays fp32); no on CPU")
+    optimizer: Literal["adamw8bit", "adamw"] = option("adamw8bit", "adamw8bit (bitsandbytes, CUDA) or adamw")
+    weight_decay: float = option(1e-2, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 turns clipping off)")
+    lr_scheduler: str = option("constant", "constant, linear, cosine, cosine_with_restarts, polynomial, "
+                                           "constant_with_warmup")
+    lr_warmup_steps: int = option(0, "steps of linear warmup at the start")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    cache_latents: bool = option(True, "encode each photo once with the VAE (off when center_crop is false)")
+    cache_text_embeddings: bool = option(True, "encode each prompt once when the text encoder is frozen")
+    checkpoint_every: int = option(500, "save a resumable checkpoint and an export every N steps (0: only at end)")
+    keep_checkpoints: int = option(3, "keep the newest K checkpoints")
+    resume: str | None = option(None, "resume from `latest` or a checkpoint folder")
+    log_every: int = option(10, "steps between loss/LR updates of the progress bar and TensorBoard")
+
+    def __post_init__(self):
+        for key in ("max_steps", "batch_size", "gradient_accumulation", "resolution", "log_every"):
+            check(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
+        for key in ("lr_warmup_steps", "checkpoint_every", "seed"):
+            check(getattr(self, key) >= 0, f"train.{key}", "must be 0 or more")
+        check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
+        check(self.learning_rate > 0, "train.learning_rate", "must be positive")
+        check(self.resolution % 8 == 0, "train.resolution", "must be a multiple of 8")

@@ -1,0 +1,140 @@
+"""The subject dataset: instance and class examples, a resumable sampling order, and the encoded batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import DataConfig
+from ..errors import FinetuneError
+from .images import list_images, open_rgb, read_caption, resize_and_crop, to_tensor
+
+INSTANCE_STREAM, CLASS_STREAM, AUGMENT_STREAM = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    prompt: str
+
+
+def instance_examples(data: DataConfig) -> list[Example]:
+    """Every photo of the subject, captioned by its caption file or else by the instance prompt."""
+    paths = list_images(data.instance_dir, "data.instance_dir")
+    examples = [Example(p, read_caption(p, data.caption_extension) or data.instance_prompt) for p in paths]
+    for example in examples:  # fail now, not 300 steps in
+        open_rgb(example.path)
+    return examples
+
+
+def class_examples(class_dir: str, prompt: str, count: int) -> list[Example]:
+    paths = list_images(class_dir, "data.class_dir")
+    if len(paths) < count:
+        raise FinetuneError(f"data.class_dir: {class_dir} has {len(paths)} class images, prior.num_class_images "
+                            f"asks for {count}; generate them (the recipe does) or lower the number")
+    return [Example(p, prompt) for p in paths[:count]]
+
+
+def step_generator(seed: int, stream: int, position: int, device="cpu") -> torch.Generator:
+    """A generator that depends only on (seed, stream, position), so a resumed run draws the same numbers.
+
+    On the training device it draws noise there directly: no host-to-device copy, no sync per step.
+    """
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + stream * 7_919 + position) % (2**63))
+
+
+def stream_index(seed: int, stream: int, position: int, length: int) -> int:
+    """Item `position` of an endless run of seeded shuffles of range(length): every item once per epoch."""
+    epoch, offset = divmod(position, length)
+    order = torch.randperm(length, generator=step_generator(seed, stream, -1 - epoch))
+    return int(order[offset])
+
+
+@dataclass
+class BatchPlan:
+    instance: list[int]   # indices into the instance examples
+    classes: list[int]    # indices into the class examples (empty without prior preservation)
+    flips: list[bool]     # one per sample, instance samples first
+    crops: list[tuple[float, float]]  # relative crop corners, one per sample
+
+
+def plan_batch(seed: int, micro_step: int, batch_size: int, num_instance: int, repeats: int, num_class: int,
+               random_flip: bool, random_crop: bool, rank: int = 0, world_size: int = 1) -> BatchPlan:
+    """Which samples micro-step `micro_step` trains on: a pure function of its arguments, hence resumable."""
+    first = (micro_step * world_size + rank) * batch_size
+    positions = range(first, first + batch_size)
+    instance = [stream_index(seed, INSTANCE_STREAM, p, num_instance * repeats) % num_instance for p in positions]
+    classes = [stream_index(seed, CLASS_STREAM, p, num_class) for p in positions] if num_class else []
+    count = len(instance) + len(classes)
+    augment = step_generator(seed, AUGMENT_STREAM, micro_step * world_size + rank)
+    flips = (torch.rand(count, generator=augment) < 0.5).tolist() if random_flip else [False] * count
+    corners = torch.rand(count, 2, generator=augment).tolist() if random_crop else [(0.5, 0.5)] * count
+    return BatchPlan(instance, classes, flips, [tuple(c) for c in corners])
+
+
+def load_pixels(example: Example, resolution: int, flip: bool, corner: tuple[float, float]) -> torch.Tensor:
+    image, _ = resize_and_crop(open_rgb(example.path), resolution, resolution, corner)
+    pixels = to_tensor(image)
+    return pixels.flip(-1) if flip else pixels
+
+
+class LatentSource:
+    """VAE latents of examples; with `cache`, each (example, flip) is encoded once and its distribution kept."""
+
+    def __init__(self, vae, examples: list[Example], resolution: int, cache: bool, flips: bool, device):
+        self.vae, self.examples, self.resolution, self.device = vae, examples, resolution, device
+        self.scale = vae.config.scaling_factor
+        self.shift = getattr(vae.config, "shift_factor", None) or 0.0
+        self.cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        if cache:
+            keys = [(i, f) for i in range(len(examples)) for f in ((False, True) if flips else (False,))]
+            for start in tqdm(range(0, len(keys), 8), desc="caching latents", leave=False):
+                chunk = keys[start:start + 8]
+                mean, std = self._encode([load_pixels(examples[i], resolution, f, (0.5, 0.5)) for i, f in chunk])
+                for j, key in enumerate(chunk):
+                    self.cache[key] = (mean[j], std[j])
+
+    @torch.no_grad()
+    def _encode(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = torch.stack(pixels).to(self.device, dtype=self.vae.dtype)
+        dist = self.vae.encode(batch).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def sample(self, indices: list[int], flips: list[bool], corners, generator: torch.Generator) -> torch.Tensor:
+        """Draw latents (already scaled for the U-Net) for the given examples."""
+        if self.cache:
+            mean = torch.stack([self.cache[(i, f)][0] for i, f in zip(indices, flips)])
+            std = torch.stack([self.cache[(i, f)][1] for i, f in zip(indices, flips)])
+        else:
+            mean, std = self._encode([load_pixels(self.examples[i], self.resolution, f, c)
+                                      for i, f, c in zip(indices, flips, corners)])
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        return (mean + std * noise - self.shift) * self.scale
+
+
+class PromptEmbeddings:
+    """Text-encoder outputs for prompts; computed once per prompt when the encoder is frozen and `cache` is on."""
+
+    def __init__(self, tokenizer, text_encoder, prompts: list[str], cache: bool, device):
+        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
+        self.cache: dict[str, torch.Tensor] = {}
+        if cache:
+            unique = sorted(set(prompts))
+            with torch.no_grad():
+                for start in range(0, len(unique), 16):
+                    chunk = unique[start:start + 16]
+                    self.cache.update(zip(chunk, self.encode(chunk)))
+
+    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder(self.token_ids(prompts).to(self.device))[0]
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        if self.cache:
+            return torch.stack([self.cache[p] for p in prompts])
+        return self.encode(prompts)

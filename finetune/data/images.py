@@ -1,0 +1,98 @@
+"""Decode photos the same way everywhere: EXIF orientation applied, any mode to RGB, resize and crop."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import FinetuneError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def list_images(folder: str | Path, key: str) -> list[Path]:
+    """The photos in `folder`, sorted; a one-line error naming `key` if the folder is missing or has none."""
+    if not folder:
+        raise FinetuneError(f"{key} is not set; point it at a folder of photos")
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FinetuneError(f"{key}: folder {folder} does not exist; create it or fix the path")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FinetuneError(f"{key}: {folder} has no photos ({', '.join(IMAGE_SUFFIXES)}); add some")
+    return paths
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Open a photo upright and in 8-bit RGB, whatever its mode; a one-line error if it is not an image."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise FinetuneError(f"{path}: not a readable image ({exc}); replace or remove the file") from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit and float grey: scale to the 8-bit range instead of letting convert() clip it.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I") and array.max() > 255 else max(float(array.max()), 255.0)
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        # Transparent pixels carry arbitrary colours; put them on white, the usual background.
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def resize_and_crop(image: Image.Image, width: int, height: int, top_left: tuple[float, float] | None = None
+                    ) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize so the image covers width x height, then crop; `top_left` in [0, 1]^2 picks the crop (None: center).
+
+    Returns the crop and its top-left corner in resized pixels (SDXL conditions on it).
+    """
+    scale = max(width / image.width, height / image.height)
+    resized_w, resized_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    image = image.resize((resized_w, resized_h), Image.Resampling.BICUBIC)
+    fx, fy = top_left if top_left is not None else (0.5, 0.5)
+    left, top = round((resized_w - width) * fx), round((resized_h - height) * fy)
+    return image.crop((left, top, left + width, top + height)), (top, left)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> float tensor of shape (3, H, W) in [-1, 1], as the VAE expects."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def to_image(tensor: torch.Tensor) -> Image.Image:
+    array = ((tensor.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def read_caption(image_path: Path, extension: str) -> str | None:
+    """The caption file beside a photo (photo.txt for photo.jpg), or None."""
+    caption_path = image_path.with_suffix(extension)
+    if not caption_path.is_file():
+        return None
+    try:
+        text = caption_path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise FinetuneError(f"{caption_path}: caption is not UTF-8 text; re-save it as UTF-8") from None
+    return text or None
+
+
+def image_grid(images: list[Image.Image], rows: int) -> Image.Image:
+    """Tile equally sized images into a grid of `rows` rows."""
+    cols = -(-len(images) // rows)
+    width, height = images[0].size
+    grid = Image.new("RGB", (cols * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image.resize((width, height)), ((i % cols) * width, (i // cols) * height))
+    return grid

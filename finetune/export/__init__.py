@@ -1,0 +1,1 @@
+"""Exporters: LoRA weights into files that diffusers (and the UIs) load, with what they were made from."""

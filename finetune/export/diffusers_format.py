@@ -1,0 +1,63 @@
+"""The diffusers LoRA file: `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(dir)`.
+
+diffusers writes the keys and its adapter config (so rank and alpha reload exactly); we add what the file was
+made from to the safetensors header and write it atomically, so an interrupted save leaves the old file intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..lora import adapter_metadata
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+METADATA_PREFIX = "finetune."
+
+
+def diffusers_layers(model) -> dict:
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+
+def save_diffusers_lora(folder: str | Path, pipeline_class, unet, text_encoders: dict, info: dict) -> Path:
+    """Write folder/pytorch_lora_weights.safetensors for `unet` and the LoRA-carrying text encoders.
+
+    `text_encoders` maps the pipeline's attribute name ('text_encoder', 'text_encoder_2') to a model with LoRA;
+    `info` (base model, trigger, steps, ...) goes into the header under finetune.* keys.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = {"unet_lora_layers": diffusers_layers(unet), "unet_lora_adapter_metadata": adapter_metadata(unet)}
+    for name, encoder in text_encoders.items():
+        kwargs[f"{name}_lora_layers"] = diffusers_layers(encoder)
+        kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(encoder)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as scratch:
+        pipeline_class.save_lora_weights(scratch, weight_name=WEIGHT_NAME, **kwargs)
+        written = Path(scratch) / WEIGHT_NAME
+        tensors, header = load_file(written), read_header(written)
+        header.update({METADATA_PREFIX + key: _as_text(value) for key, value in info.items()})
+        header[METADATA_PREFIX + "version"] = __version__
+        save_file(tensors, written, metadata=header)
+        os.replace(written, folder / WEIGHT_NAME)
+    return folder / WEIGHT_NAME
+
+
+def read_header(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def finetune_metadata(path: str | Path) -> dict[str, str]:
+    """The finetune.* header entries of an exported file, without the prefix."""
+    return {k[len(METADATA_PREFIX):]: v for k, v in read_header(path).items() if k.startswith(METADATA_PREFIX)}
+
+
+def _as_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)

@@ -1,0 +1,79 @@
+"""Base model plus zero or more LoRAs -> images, and the samplers shared with class-image generation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler)
+from PIL import Image
+
+from .errors import FinetuneError
+
+SCHEDULERS = {
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+}
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the pipeline's sampler by name ('default' keeps the model's own); the noise schedule is kept."""
+    if name == "default":
+        return
+    if name not in SCHEDULERS:
+        raise FinetuneError(f"scheduler {name!r} is unknown; choose default or one of {', '.join(SCHEDULERS)}")
+    cls, extra = SCHEDULERS[name]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """'path' or 'path:scale' -> (path, scale)."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path and not Path(text).exists():
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def load_loras(pipe, loras: list[tuple[str, float]]) -> None:
+    """Load each LoRA (a file or a folder with pytorch_lora_weights.safetensors) as its own adapter."""
+    names = []
+    for i, (path, _) in enumerate(loras):
+        if not Path(path).exists():
+            raise FinetuneError(f"--lora {path}: no such file or folder")
+        names.append(f"lora{i}")
+        try:
+            pipe.load_lora_weights(path, adapter_name=names[-1])
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise FinetuneError(f"--lora {path}: could not be loaded ({str(exc).splitlines()[0][:200]})") from None
+    if names:
+        pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+
+
+def device_and_dtype(device: str | None = None) -> tuple[str, torch.dtype]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, (torch.float16 if device.startswith("cuda") else torch.float32)
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: int = 25,
+             guidance: float = 7.5, resolution: int | None = None, batch_size: int = 4,
+             progress: bool = True) -> list[Image.Image]:
+    """`num_images` images per prompt; image k of a prompt always uses seed + k, so runs compare 1:1."""
+    jobs = [(prompt, seed + k) for prompt in prompts for k in range(num_images)]
+    size = {"height": resolution, "width": resolution} if resolution else {}
+    device = pipe._execution_device
+    images = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        generators = [torch.Generator(device).manual_seed(s) for _, s in chunk]
+        images += pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                       generator=generators, **size).images
+        if progress:
+            print(f"generated {len(images)}/{len(jobs)} images", flush=True)
+    return images

@@ -1,0 +1,72 @@
+"""Load the parts of a pretrained latent diffusion pipeline: from the Hub, a local folder or one file."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
+
+from .config import ModelConfig
+from .errors import FinetuneError
+
+SINGLE_FILE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def describe_source(pretrained: str) -> str:
+    """'file', 'folder' or 'hub': how `pretrained` will be read, or a FinetuneError if it cannot be."""
+    path = Path(pretrained).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise FinetuneError(f"model.pretrained: {pretrained} is a pickle file, which can run code when loaded; "
+                            "convert it to .safetensors first")
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return "file"
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise FinetuneError(f"model.pretrained: {pretrained} is a folder without model_index.json; point it at "
+                                "a diffusers pipeline folder (save_pretrained output) or a .safetensors file")
+        return "folder"
+    looks_local = pretrained.startswith((".", "/", "~")) or path.suffix.lower() in SINGLE_FILE_SUFFIXES
+    if looks_local or not HUB_ID.match(pretrained):
+        raise FinetuneError(f"model.pretrained: {pretrained} does not exist; give a Hub id, a diffusers folder or a "
+                            ".safetensors file")
+    return "hub"
+
+
+def load_pipeline(model: ModelConfig, pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline,
+                  dtype: torch.dtype = torch.float32, **extra) -> DiffusionPipeline:
+    """Load `pipeline_class` from wherever `model.pretrained` points, with a one-line error if it can't."""
+    source = describe_source(model.pretrained)
+    if pipeline_class is StableDiffusionPipeline:
+        extra = {"safety_checker": None, "requires_safety_checker": False, **extra}
+    try:
+        if source == "file":
+            return pipeline_class.from_single_file(model.pretrained, config=model.single_file_config,
+                                                   dtype=dtype, **extra)
+        return pipeline_class.from_pretrained(model.pretrained, revision=model.revision, variant=model.variant,
+                                              dtype=dtype, use_safetensors=True, **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        where = "the Hub (are you online and is the id right?)" if source == "hub" else "disk"
+        raise FinetuneError(f"model.pretrained: could not load {model.pretrained} from {where}: {reason}") from None
+
+
+def training_scheduler(pipe: DiffusionPipeline) -> DDPMScheduler:
+    """The DDPM noise schedule the model was trained with, keeping its prediction type (epsilon or v)."""
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def freeze(*modules: torch.nn.Module) -> None:
+    for module in modules:
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+
+
+def prediction_type(scheduler) -> str:
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind not in ("epsilon", "v_prediction"):
+        raise FinetuneError(f"scheduler prediction_type {kind!r} is not supported; use epsilon or v_prediction")
+    return kind

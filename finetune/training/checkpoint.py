@@ -1,0 +1,92 @@
+"""Resumable checkpoints through Accelerate: LoRA weights, optimizer, scheduler, RNG and the step count."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from ..errors import FinetuneError
+from ..lora import load_lora_state, lora_state
+
+CHECKPOINTS = "checkpoints"
+PROGRESS = "progress.json"
+
+
+def register_lora_only_saving(accelerator: Accelerator) -> None:
+    """Make save_state/load_state store the LoRA weights of each prepared model, not the whole frozen model."""
+
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for i, model in enumerate(models):
+                save_file(lora_state(accelerator.unwrap_model(model)), os.path.join(output_dir, f"lora_{i}.safetensors"))
+        weights.clear()
+
+    def load(models, input_dir):
+        for i, model in enumerate(list(models)):
+            path = os.path.join(input_dir, f"lora_{i}.safetensors")
+            if not os.path.isfile(path):
+                raise FinetuneError(f"{input_dir}: checkpoint has no lora_{i}.safetensors; it was written with "
+                                    "other LoRA settings (lora.text_encoder?) than this run's")
+            load_lora_state(accelerator.unwrap_model(model), load_file(path))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints, oldest first (a folder counts once its progress file is in place)."""
+    root = Path(output_dir) / CHECKPOINTS
+    found = [p for p in root.glob("step-*") if (p / PROGRESS).is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: json.loads((p / PROGRESS).read_text())["step"])
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, keep: int, extra_files=None) -> Path:
+    """Write checkpoints/step-N under a temporary name and rename it, so a crash never leaves half a checkpoint.
+
+    `extra_files(folder)` may add files (the export) before the rename. Then only the newest `keep` remain.
+    """
+    final = Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        if extra_files is not None:
+            extra_files(tmp)
+        (tmp / PROGRESS).write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint `train.resume` names: `latest`, a folder, or None (start fresh)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = checkpoint_dirs(output_dir)
+        if not found:
+            raise FinetuneError(f"train.resume=latest: no checkpoint in {Path(output_dir) / CHECKPOINTS}; "
+                                "drop train.resume to start fresh")
+        return found[-1]
+    path = Path(resume)
+    if not (path / PROGRESS).is_file():
+        raise FinetuneError(f"train.resume: {resume} is not a checkpoint folder (no {PROGRESS}); use latest or "
+                            f"a folder under {Path(output_dir) / CHECKPOINTS}")
+    return path
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> int:
+    """Restore everything save_checkpoint wrote; return the step to continue from."""
+    accelerator.load_state(str(path))
+    return int(json.loads((path / PROGRESS).read_text())["step"])

@@ -1,0 +1,49 @@
+"""Optimizer and learning-rate schedule."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from ..config import TrainConfig
+from ..errors import ConfigError
+
+log = logging.getLogger("finetune")
+
+# bitsandbytes keeps fp32 state for any tensor under min_8bit_size (default 4096 elements). A rank-4 LoRA matrix of
+# SD's attention is 4 x 320 = 1280 elements, so with the default every LoRA tensor would silently get fp32 state.
+MIN_8BIT_SIZE = 0
+
+
+def bitsandbytes_usable(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # a broken CUDA setup raises more than ImportError
+        return False
+    return True
+
+
+def build_optimizer(params, train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """8-bit AdamW (bitsandbytes) on CUDA, keeping 8-bit state for small LoRA tensors; else torch AdamW."""
+    kwargs = dict(lr=train.learning_rate, weight_decay=train.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    if train.optimizer == "adamw8bit":
+        if bitsandbytes_usable(device):
+            import bitsandbytes as bnb
+            return bnb.optim.AdamW8bit(params, min_8bit_size=MIN_8BIT_SIZE, **kwargs)
+        log.warning("notice: bitsandbytes 8-bit AdamW needs a CUDA GPU; using torch AdamW on %s", device.type)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def build_lr_scheduler(optimizer, train: TrainConfig, num_processes: int = 1):
+    """The schedule over train.max_steps; Accelerate steps a prepared scheduler once per process, hence the factor."""
+    if train.lr_scheduler not in SCHEDULES:
+        raise ConfigError(f"train.lr_scheduler: {train.lr_scheduler!r} is not one of {', '.join(SCHEDULES)}")
+    name = "constant_with_warmup" if train.lr_scheduler == "constant" and train.lr_warmup_steps else train.lr_scheduler
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=train.lr_warmup_steps * num_processes,
+                         num_training_steps=train.max_steps * num_processes)

@@ -1,0 +1,196 @@
+"""DreamBooth-LoRA for Stable Diffusion 1.x/2.x: a few photos of a subject in, a LoRA file out.
+
+    finetune train recipes/configs/sd15_dreambooth_lora.yaml data.instance_dir=photos/ output_dir=runs/dog
+
+The algorithm: generate class images with the base model (prior preservation); freeze the model and add LoRA to
+the U-Net (and optionally the text encoder); encode photos and prompts once; then for each step, noise the
+latents of instance + class samples, predict the noise (or v), and take instance MSE + weight x class MSE.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from diffusers import StableDiffusionPipeline
+from tqdm.auto import tqdm
+
+from finetune.config import DataConfig, LoraConfig, ModelConfig, PriorConfig, TrainConfig, option, to_dict
+from finetune.data.class_images import count_images, generate_class_images
+from finetune.data.dataset import (LatentSource, PromptEmbeddings, class_examples, instance_examples, plan_batch,
+                                   step_generator)
+from finetune.errors import FinetuneError
+from finetune.export.diffusers_format import save_diffusers_lora
+from finetune.lora import add_text_encoder_lora, add_unet_lora, keep_lora_fp32, lora_parameters
+from finetune.models import freeze, load_pipeline, training_scheduler
+from finetune.training.accelerator import flat_hparams, make_accelerator, weight_dtype
+from finetune.training.checkpoint import (checkpoint_dirs, find_checkpoint, load_checkpoint,
+                                          register_lora_only_saving, save_checkpoint)
+from finetune.training.loss import add_noise, diffusion_target, prior_preservation_loss
+from finetune.training.optim import build_lr_scheduler, build_optimizer
+
+log = logging.getLogger("finetune")
+NOISE_STREAM = 10
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = option(ModelConfig(), "the base model")
+    data: DataConfig = option(DataConfig(), "subject photos and prompts")
+    prior: PriorConfig = option(PriorConfig(), "prior preservation with class images")
+    lora: LoraConfig = option(LoraConfig(), "where LoRA goes and its size")
+    train: TrainConfig = option(TrainConfig(), "the optimisation")
+    output_dir: str = option("runs/dreambooth-lora", "checkpoints, TensorBoard logs and the exported LoRA go here")
+
+
+@dataclasses.dataclass
+class Result:
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    export: Path
+    steps: int
+
+
+def main(cfg: Config) -> Result:
+    accelerator = make_accelerator(cfg.train, cfg.output_dir, "dreambooth_lora")
+    device, dtype, train = accelerator.device, weight_dtype(accelerator), cfg.train
+    set_seed(train.seed)
+    resume_from = check_output_dir(cfg)
+    instance = instance_examples(cfg.data)
+    pipe = load_pipeline(cfg.model)
+
+    # 1. Prior preservation: class images drawn by the base model, before any LoRA touches it.
+    classes = []
+    if cfg.prior.num_class_images:
+        ensure_class_images(accelerator, pipe, cfg)
+        classes = class_examples(cfg.data.class_dir, cfg.data.class_prompt, cfg.prior.num_class_images)
+
+    # 2. Freeze the base model and add LoRA; the frozen weights go to half precision, LoRA stays fp32.
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    noise_scheduler = training_scheduler(pipe)
+    freeze(unet, vae, text_encoder)
+    add_unet_lora(unet, cfg.lora)
+    if cfg.lora.text_encoder:
+        add_text_encoder_lora(text_encoder, cfg.lora)
+    unet.to(device, dtype), text_encoder.to(device, dtype), vae.to(device, torch.float32)
+    keep_lora_fp32(unet, text_encoder)
+    if train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.lora.text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+
+    # 3. Encode every photo once with the VAE (and every prompt once, if the text encoder is frozen).
+    examples = instance + classes
+    cache_latents = train.cache_latents and cfg.data.center_crop
+    latents = LatentSource(vae, examples, train.resolution, cache_latents, cfg.data.random_flip, device)
+    if cache_latents:
+        vae.to("cpu")  # done with it: free the GPU memory
+
+    # 4. Optimizer, schedule, and Accelerate's wrapping of what trains.
+    trained = [unet, text_encoder] if cfg.lora.text_encoder else [unet]
+    params = lora_parameters(*trained)
+    optimizer = build_optimizer(params, train, device)
+    lr_scheduler = build_lr_scheduler(optimizer, train, accelerator.num_processes)
+    *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    unet = trained[0]
+    text_encoder = trained[1] if cfg.lora.text_encoder else text_encoder
+    cache_prompts = train.cache_text_embeddings and not cfg.lora.text_encoder
+    prompts = PromptEmbeddings(tokenizer, text_encoder, [e.prompt for e in examples], cache_prompts, device)
+    if cache_prompts:
+        text_encoder.to("cpu")
+    register_lora_only_saving(accelerator)
+    start = load_checkpoint(accelerator, resume_from) if resume_from else 0
+    if accelerator.is_main_process:
+        accelerator.init_trackers("dreambooth_lora", config=flat_hparams(to_dict(cfg)))
+
+    def export(folder: Path, steps: int) -> Path:
+        return save_diffusers_lora(folder, StableDiffusionPipeline, accelerator.unwrap_model(unet),
+                                   {"text_encoder": accelerator.unwrap_model(text_encoder)}
+                                   if cfg.lora.text_encoder else {}, export_info(cfg, noise_scheduler, steps))
+
+    # 5. The loop: noise instance + class latents, predict, prior-preservation loss, step.
+    bar = tqdm(range(start, train.max_steps), initial=start, total=train.max_steps, desc="training",
+               disable=not accelerator.is_local_main_process)
+    for step in bar:
+        for micro in range(train.gradient_accumulation):
+            micro_step = step * train.gradient_accumulation + micro
+            with accelerator.accumulate(*trained):
+                plan = plan_batch(train.seed, micro_step, train.batch_size, len(instance), cfg.data.repeats,
+                                  len(classes), cfg.data.random_flip, not cfg.data.center_crop,
+                                  accelerator.process_index, accelerator.num_processes)
+                noise_rng = step_generator(train.seed, NOISE_STREAM,
+                                           micro_step * accelerator.num_processes + accelerator.process_index, device)
+                loss, parts = denoise_step(unet, noise_scheduler, latents, prompts, examples, plan, len(instance),
+                                           cfg.prior.loss_weight, noise_rng)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and train.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, train.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % train.log_every == 0 or step + 1 == train.max_steps:
+            logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], **{k: v.item() for k, v in parts.items()}}
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=step + 1)
+        if train.checkpoint_every and (step + 1) % train.checkpoint_every == 0 and step + 1 < train.max_steps:
+            save_checkpoint(accelerator, cfg.output_dir, step + 1, train.keep_checkpoints,
+                            lambda folder: export(folder, step + 1))
+
+    # 6. Export: a checkpoint to resume or extend from, and the LoRA file diffusers loads.
+    save_checkpoint(accelerator, cfg.output_dir, train.max_steps, train.keep_checkpoints,
+                    lambda folder: export(folder, train.max_steps))
+    final = Path(cfg.output_dir) / "pytorch_lora_weights.safetensors"
+    if accelerator.is_main_process:
+        final = export(Path(cfg.output_dir), train.max_steps)
+        log.info("exported %s", final)
+    accelerator.end_training()
+    return Result(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), final, train.max_steps)
+
+
+def denoise_step(unet, noise_scheduler, latents: LatentSource, prompts: PromptEmbeddings, examples, plan,
+                 num_instance: int, prior_weight: float, generator: torch.Generator):
+    """One forward pass: instance samples first, then class samples, in one batch."""
+    indices = plan.instance + [num_instance + i for i in plan.classes]
+    clean = latents.sample(indices, plan.flips, plan.crops, generator)
+    noisy, noise, timesteps = add_noise(noise_scheduler, clean, generator)
+    embeddings = prompts([examples[i].prompt for i in indices])
+    prediction = unet(noisy, timesteps, embeddings).sample
+    target = diffusion_target(noise_scheduler, clean, noise, timesteps)
+    return prior_preservation_loss(prediction, target, len(plan.instance), prior_weight)
+
+
+def ensure_class_images(accelerator, pipe, cfg: Config) -> None:
+    """Generate the missing class images, each process its share; all wait until the set is complete."""
+    if not cfg.data.class_dir:
+        raise FinetuneError("data.class_dir is not set; prior preservation (prior.num_class_images > 0) needs a "
+                            "folder for class images, or set prior.num_class_images=0")
+    if not cfg.data.class_prompt.strip():
+        raise FinetuneError("data.class_prompt is empty; describe the class, e.g. 'a photo of a dog'")
+    have = count_images(Path(cfg.data.class_dir))
+    accelerator.wait_for_everyone()
+    missing = range(have, cfg.prior.num_class_images)
+    if len(missing):
+        dtype = torch.float16 if accelerator.device.type == "cuda" else torch.float32
+        pipe.to(accelerator.device, dtype)
+        share = missing[accelerator.process_index::accelerator.num_processes]
+        generate_class_images(pipe, cfg.data.class_dir, cfg.data.class_prompt, cfg.prior, cfg.train.resolution,
+                              cfg.train.seed, accelerator.device, share)
+    accelerator.wait_for_everyone()
+
+
+def check_output_dir(cfg: Config) -> Path | None:
+    """The checkpoint to resume from; refuse to mix a new run into a folder that holds an earlier one."""
+    resume_from = find_checkpoint(cfg.output_dir, cfg.train.resume)
+    if resume_from is None and checkpoint_dirs(cfg.output_dir):
+        raise FinetuneError(f"output_dir {cfg.output_dir} holds checkpoints of an earlier run; pass "
+                            "train.resume=latest to continue it, or choose another output_dir")
+    return resume_from
+
+
+def export_info(cfg: Config, noise_scheduler, steps: int) -> dict:
+    return {"base_model": cfg.model.pretrained, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+            "unet_targets": cfg.lora.unet_targets, "text_encoder": cfg.lora.text_encoder, "steps": steps,
+            "trigger": cfg.data.instance_prompt, "resolution": cfg.train.resolution,
+            "prediction_type": noise_scheduler.config.prediction_type, "recipe": "dreambooth_lora"}
