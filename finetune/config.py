@@ -72,8 +72,12 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
 
 
 def load(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
-    """Read a YAML file (or nothing), apply dotted overrides, and build the typed config."""
+    """Read a YAML file (or nothing), apply dotted overrides, and build the typed config.
+
+    A top-level `recipe:` key names the recipe for the CLI and is not part of the recipe's config.
+    """
     data = read_yaml(path) if path else {}
+    data.pop("recipe", None)
     return build(cls, apply_overrides(data, list(overrides)))
 
 
@@ -112,6 +116,9 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(inner[0], value, key) if len(inner) == 1 else value
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `no` as false
+            spelled = [w for w in (("yes", "true", "on") if value else ("no", "false", "off")) if w in args]
+            value = spelled[0] if spelled else value
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
         return value
@@ -128,6 +135,11 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a whole number, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

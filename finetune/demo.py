@@ -56,9 +56,7 @@ def run_demo(out: Path, steps: int | None = None) -> Path:
     overrides = [f"model.pretrained={model_dir}", f"data.instance_dir={photos}",
                  f"data.class_dir={out / 'class_images'}", f"output_dir={run_dir}"]
     overrides += [f"train.max_steps={steps}"] if steps else []
-    data = config_lib.read_yaml(DEMO_CONFIG)
-    data.pop("recipe")
-    cfg = config_lib.build(dreambooth_lora.Config, config_lib.apply_overrides(data, overrides))
+    cfg = config_lib.load(dreambooth_lora.Config, DEMO_CONFIG, overrides)
     log.info("demo: training a tiny SD model on %d photos in %s", len(list(photos.glob("*.jpg"))), photos)
     result = dreambooth_lora.main(cfg)
     grid = base_vs_lora_grid(model_dir, run_dir, cfg, out / "base_vs_lora.png")

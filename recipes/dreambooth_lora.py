@@ -102,6 +102,8 @@ def main(cfg: Config) -> Result:
         text_encoder.to("cpu")
     register_lora_only_saving(accelerator)
     start = load_checkpoint(accelerator, resume_from) if resume_from else 0
+    if resume_from:
+        log.info("resumed from %s at step %d", resume_from, start)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth_lora", config=flat_hparams(to_dict(cfg)))
 

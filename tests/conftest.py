@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models built once per session, real photos, and a CLI runner."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the Hub; fail fast if it tries
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory) -> Path:
+    from finetune.tiny import build_tiny_sd
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd1", family="sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory) -> Path:
+    from finetune.tiny import build_tiny_sd
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd2", family="sd2")
+
+
+@pytest.fixture(scope="session")
+def photos_master(tmp_path_factory) -> Path:
+    from finetune.demo import prepare_photos
+    folder = tmp_path_factory.mktemp("photos")
+    prepare_photos(folder)
+    return folder
+
+
+@pytest.fixture
+def photos(photos_master, tmp_path) -> Path:
+    """A private copy of the subject photos (5 crops of a real cat photo, one with a caption file)."""
+    return Path(shutil.copytree(photos_master, tmp_path / "photos"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each test starts as a new process would."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `finetune ARGS...` in-process; returns (exit code, stdout, stderr)."""
+    from finetune.cli import main
+
+    def run(*args: str):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return run
+

@@ -1,0 +1,41 @@
+"""Sampling order and batch composition: deterministic, every photo once per epoch, class samples paired."""
+
+from finetune.config import DataConfig
+from finetune.data.dataset import instance_examples, plan_batch, stream_index
+
+
+def test_every_instance_once_per_epoch_and_reproducible():
+    plans = [plan_batch(7, step, 2, num_instance=5, repeats=2, num_class=3, random_flip=True, random_crop=False)
+             for step in range(5)]  # 5 steps x 2 = one epoch of 10 (5 photos x 2 repeats)
+    seen = sorted(i for p in plans for i in p.instance)
+    assert seen == sorted(list(range(5)) * 2)
+    again = [plan_batch(7, step, 2, 5, 2, 3, True, False) for step in range(5)]
+    assert again == plans
+    assert plan_batch(8, 0, 2, 5, 2, 3, True, False) != plans[0] or plan_batch(8, 1, 2, 5, 2, 3, True, False) != plans[1]
+
+
+def test_each_batch_pairs_instance_and_class_samples():
+    plan = plan_batch(0, 3, 2, num_instance=4, repeats=1, num_class=10, random_flip=False, random_crop=False)
+    assert len(plan.instance) == 2 and len(plan.classes) == 2
+    assert len(plan.flips) == len(plan.crops) == 4 and not any(plan.flips)
+    no_prior = plan_batch(0, 3, 2, 4, 1, 0, False, False)
+    assert no_prior.classes == [] and len(no_prior.flips) == 2
+
+
+def test_processes_take_disjoint_shares():
+    one = [i for step in range(4) for i in plan_batch(0, step, 1, 8, 1, 0, False, False).instance]
+    two = [i for step in range(2) for rank in range(2)
+           for i in plan_batch(0, step, 1, 8, 1, 0, False, False, rank=rank, world_size=2).instance]
+    assert sorted(one) == sorted(two) and len(set(two)) == 4
+
+
+def test_stream_is_a_permutation_per_epoch():
+    assert sorted(stream_index(3, 1, p, 6) for p in range(6)) == list(range(6))
+    assert sorted(stream_index(3, 1, p, 6) for p in range(6, 12)) == list(range(6))
+
+
+def test_captions_override_the_instance_prompt(photos):
+    examples = instance_examples(DataConfig(instance_dir=str(photos), instance_prompt="a photo of sks cat"))
+    prompts = {e.path.name: e.prompt for e in examples}
+    assert prompts["cat_3.jpg"] == "a close-up photo of sks cat"
+    assert prompts["cat_0.jpg"] == "a photo of sks cat"

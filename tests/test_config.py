@@ -1,0 +1,89 @@
+"""Typed configs: shipped YAMLs build, overrides apply, bad keys and values fail with the key named."""
+from pathlib import Path
+
+import pytest
+
+from finetune import config as config_lib
+from finetune.cli import load_recipe_config
+from finetune.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "recipes" / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"sd15_dreambooth_lora.yaml", "sd21_dreambooth_lora.yaml", "demo_tiny.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_yaml_builds_its_recipe_config(path):
+    module, cfg = load_recipe_config(str(path), [])
+    assert isinstance(cfg, module.Config)
+    raw = config_lib.read_yaml(path)
+    for section, values in raw.items():  # every value in the file reached the typed config
+        if isinstance(values, dict):
+            for key, value in values.items():
+                assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_yaml_names_its_launch_command_first(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(("# accelerate launch ", "# finetune ")), first
+    if first.startswith("# accelerate launch"):
+        assert f"finetune train recipes/configs/{path.name}" in first
+
+
+def test_sd15_defaults_match_the_issue():
+    _, cfg = load_recipe_config(str(CONFIGS[0].parent / "sd15_dreambooth_lora.yaml"), [])
+    assert cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    _, cfg = load_recipe_config(str(CONFIGS[0].parent / "sd21_dreambooth_lora.yaml"), [])
+    assert cfg.train.resolution == 768
+
+
+def test_dotted_overrides_are_typed():
+    _, cfg = load_recipe_config(None, ["train.max_steps=800", "train.learning_rate=5e-5", "lora.text_encoder=true",
+                                       "prior.num_class_images=0", "train.resume=latest"])
+    assert cfg.train.max_steps == 800 and cfg.train.learning_rate == 5e-5
+    assert cfg.lora.text_encoder is True and cfg.prior.num_class_images == 0 and cfg.train.resume == "latest"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_step=10", "unknown config key train.max_step; did you mean train.max_steps?"),
+    ("trian.max_steps=10", "unknown config key trian"),
+    ("train.max_steps=ten", "train.max_steps: expected a whole number, got 'ten'"),
+    ("train.max_steps=-5", "train.max_steps: must be at least 1"),
+    ("lora.text_encoder=maybe", "lora.text_encoder: expected true or false"),
+    ("train.mixed_precision=fp8", "train.mixed_precision: 'fp8' is not one of no, fp16, bf16"),
+    ("train.max_steps", "write it as section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe_config(None, [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_misspelled_key_in_a_file_fails_through_the_cli(tmp_path, run_cli):
+    path = tmp_path / "bad.yaml"
+    path.write_text("recipe: dreambooth_lora\ndata:\n  instance_dirr: photos\n")
+    code, _, err = run_cli("train", path)
+    assert code == 2
+    assert err.strip() == "finetune: error: unknown config key data.instance_dirr; did you mean data.instance_dir?"
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path, run_cli):
+    code, _, err = run_cli("train", tmp_path / "nope.yaml")
+    assert code == 2 and "nope.yaml: config file not found" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    code, _, err = run_cli("train", bad)
+    assert code == 2 and "bad.yaml: not valid YAML" in err and err.count("\n") == 1
+
+
+def test_show_config_docs_cover_every_field(run_cli):
+    code, out, _ = run_cli("show-config", "--docs")
+    assert code == 0
+    for key, _, doc in config_lib.field_docs(load_recipe_config(None, [])[0].Config):
+        assert doc, f"{key} has no doc"
+        assert key in out
