@@ -11,8 +11,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_RESOLUTION = 64  # pixels; the VAE downsamples 8x, like SD's, so latents are 8x8
 TEXT_DIM = 32
@@ -53,16 +54,16 @@ def save_tokenizer(tokenizer: CLIPTokenizer, folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
 
 
-def tiny_text_encoder(vocab_size: int, projection_dim: int | None = None) -> CLIPTextModel:
+def tiny_text_encoder(vocab_size: int, projection_dim: int | None = None, with_projection: bool = False):
     config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab_size - 2,
                             eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
                             projection_dim=projection_dim or TEXT_DIM)
-    return CLIPTextModel(config)
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
-def tiny_vae() -> AutoencoderKL:
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32),
+def tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
+    return AutoencoderKL(scaling_factor=scaling_factor, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32),
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                          layers_per_block=1, norm_num_groups=8, sample_size=TINY_RESOLUTION)
 
@@ -94,4 +95,30 @@ def build_tiny_sd(folder: str | Path, family: str = "sd1", seed: int = 0) -> Pat
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     save_tokenizer(tokenizer, folder / "tokenizer")
+    return folder
+
+
+def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny SDXL pipeline folder: two text encoders (the second with projection, giving the pooled
+    embedding), the text_time size/crop conditioning, and SDXL's VAE scaling; return its path."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=2 * TEXT_DIM,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=TEXT_DIM + 6 * time_dim)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(scaling_factor=0.13025), text_encoder=tiny_text_encoder(len(tokenizer)),
+        text_encoder_2=tiny_text_encoder(len(tokenizer), with_projection=True), tokenizer=tokenizer,
+        tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    save_tokenizer(tokenizer, folder / "tokenizer")
+    save_tokenizer(tokenizer, folder / "tokenizer_2")
     return folder

@@ -59,3 +59,9 @@ def run_cli(capsys):
         return code, captured.out, captured.err
     return run
 
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from finetune.tiny import build_tiny_sdxl
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")

@@ -172,3 +172,21 @@ def test_bad_paths_fail_with_one_line_naming_them(tiny_sd1, photos, tmp_path, ru
     assert code == 2
     assert err.startswith("finetune: error: " + message.format(tmp=tmp_path)), err
     assert err.count("\n") == 1
+
+
+def test_uncached_random_crops_checkpointing_accumulation_keep_last_and_logs(tiny_sd1, photos, tmp_path, run_cli,
+                                                                              caplog):
+    caplog.set_level(logging.WARNING, logger="finetune")
+    overrides = tiny_overrides(tiny_sd1, photos, tmp_path, **{
+        "data.center_crop": "false", "data.random_flip": "true", "train.cache_text_embeddings": "false",
+        "train.gradient_checkpointing": "true", "lora.text_encoder": "true", "train.gradient_accumulation": 2,
+        "train.checkpoint_every": 1, "train.keep_checkpoints": 2, "train.mixed_precision": "fp16",
+        "train.optimizer": "adamw8bit", "train.lr_scheduler": "cosine", "train.lr_warmup_steps": 1})
+    code, _, err = run_cli("train", SD15, *overrides)
+    assert code == 0, err
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+    assert (run / "checkpoints" / "step-000003" / "pytorch_lora_weights.safetensors").is_file()
+    assert list((run / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events written"
+    if not torch.cuda.is_available():
+        assert "falls back to fp32" in caplog.text and "bitsandbytes 8-bit AdamW needs a CUDA GPU" in caplog.text
