@@ -30,6 +30,7 @@ from finetune.training.checkpoint import (checkpoint_dirs, find_checkpoint, load
                                           register_lora_only_saving, save_checkpoint)
 from finetune.training.loss import add_noise, diffusion_target, prior_preservation_loss
 from finetune.training.optim import build_lr_scheduler, build_optimizer
+from finetune.training.summary import StepClock, optimizer_state_summary, write_summary
 
 log = logging.getLogger("finetune")
 NOISE_STREAM = 10
@@ -115,6 +116,7 @@ def main(cfg: Config) -> Result:
     # 5. The loop: noise instance + class latents, predict, prior-preservation loss, step.
     bar = tqdm(range(start, train.max_steps), initial=start, total=train.max_steps, desc="training",
                disable=not accelerator.is_local_main_process)
+    clock = StepClock(device, train.max_steps - start)
     for step in bar:
         for micro in range(train.gradient_accumulation):
             micro_step = step * train.gradient_accumulation + micro
@@ -132,6 +134,7 @@ def main(cfg: Config) -> Result:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+        clock.step_done()
         if (step + 1) % train.log_every == 0 or step + 1 == train.max_steps:
             logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], **{k: v.item() for k, v in parts.items()}}
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
@@ -140,13 +143,15 @@ def main(cfg: Config) -> Result:
             save_checkpoint(accelerator, cfg.output_dir, step + 1, train.keep_checkpoints,
                             lambda folder: export(folder, step + 1))
 
-    # 6. Export: a checkpoint to resume or extend from, and the LoRA file diffusers loads.
+    # 6. Export: a checkpoint to resume or extend from, the LoRA file diffusers loads, and what the run measured.
+    summary = {**clock.summary(train.max_steps), **optimizer_state_summary(optimizer, params)}
     save_checkpoint(accelerator, cfg.output_dir, train.max_steps, train.keep_checkpoints,
                     lambda folder: export(folder, train.max_steps))
     final = Path(cfg.output_dir) / "pytorch_lora_weights.safetensors"
     if accelerator.is_main_process:
         final = export(Path(cfg.output_dir), train.max_steps)
-        log.info("exported %s", final)
+        write_summary(cfg.output_dir, summary)
+        log.info("exported %s (%s it/s)", final, summary["steady_it_per_s"])
     accelerator.end_training()
     return Result(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), final, train.max_steps)
 

@@ -190,3 +190,13 @@ def test_uncached_random_crops_checkpointing_accumulation_keep_last_and_logs(tin
     assert list((run / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events written"
     if not torch.cuda.is_available():
         assert "falls back to fp32" in caplog.text and "bitsandbytes 8-bit AdamW needs a CUDA GPU" in caplog.text
+
+
+def test_run_summary_reports_speed_and_optimizer_state(tiny_sd1, photos, tmp_path, run_cli):
+    code, _, err = run_cli("train", SD15, *tiny_overrides(tiny_sd1, photos, tmp_path, **{
+        "prior.num_class_images": 0, "train.max_steps": 6}))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["timed_steps"] == 3 and summary["steady_it_per_s"] > 0
+    assert summary["optimizer"] == "AdamW" and summary["trained_params"] > 0
+    assert 7.9 < summary["optimizer_state_bytes_per_param"] < 8.1  # fp32 exp_avg + exp_avg_sq

@@ -1,0 +1,1 @@
+"""GPU benchmarks: finetune against the peer on the same machine, model and images, in one run."""

@@ -1,0 +1,188 @@
+"""finetune vs the peer (diffusers' DreamBooth-LoRA script) on one GPU: same model, images and settings.
+
+    python benchmarks/bench.py --arch sd15 --steps 300 --peer-dir .bench/reference --out results.json
+
+Builds a random-weight model of the real architecture, 5 instance photos and 100 class images (once, shared by
+both), then runs each of our variants and the peer's as separate processes, sampling nvidia-smi for the peak.
+Prints a markdown row per figure for BENCHMARKS.md and writes everything as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = {"sd15": "recipes/configs/sd15_dreambooth_lora.yaml", "sdxl": "recipes/configs/sdxl_dreambooth_lora.yaml"}
+RESOLUTION = {"sd15": 512, "sdxl": 1024}
+# Our variants: name -> overrides on top of the shipped config. The peer's: name -> extra flags.
+OURS = {"default": []}
+PEER = {"default": ["--use_8bit_adam"]}
+
+
+class GpuMemorySampler:
+    """Peak of nvidia-smi's memory.used over a process's life (what a user's card must have)."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        proc = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                 "-lms", "100"], stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if line.strip().split(",")[0].strip().isdigit():
+                self.peak = max(self.peak, int(line.strip().split(",")[0]))
+            if self._stop.is_set():
+                break
+        proc.kill()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(0.3)
+        self._stop.set()
+
+
+def prepare(arch: str, work: Path) -> dict:
+    """Model, photos and class images, built once and shared by every run."""
+    from benchmarks.models import build_sd15, build_sdxl
+    from finetune.demo import prepare_photos
+
+    model = work / f"model-{arch}"
+    if not (model / "model_index.json").is_file():
+        t0 = time.perf_counter()
+        {"sd15": build_sd15, "sdxl": build_sdxl}[arch](model)
+        print(f"built {arch} in {time.perf_counter() - t0:.0f} s", flush=True)
+    photos = work / "photos"
+    if not photos.is_dir():
+        prepare_photos(photos)
+        (photos / "cat_3.txt").unlink()  # the peer reads no caption files; keep the job identical
+    classes = work / f"class-{arch}"
+    timing = generate_classes(arch, model, classes) if len(list(classes.glob("*.png"))) < 100 else {}
+    return {"model": model, "photos": photos, "classes": classes, **timing}
+
+
+def generate_classes(arch: str, model: Path, folder: Path) -> dict:
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from finetune.config import ModelConfig, PriorConfig
+    from finetune.data.class_images import generate_class_images
+    from finetune.models import load_pipeline
+
+    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    pipe = load_pipeline(ModelConfig(pretrained=str(model)), cls, dtype=torch.float16).to("cuda")
+    prior = PriorConfig(num_class_images=100, generation_batch_size=8)
+    generate_class_images(pipe, folder, "a photo of dog", prior, RESOLUTION[arch], 0, "cuda", range(0, 4))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    generate_class_images(pipe, folder, "a photo of dog", prior, RESOLUTION[arch], 0, "cuda", range(4, 100))
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    del pipe
+    torch.cuda.empty_cache()
+    return {"class_images_s_per_image": round(seconds / 96, 4), "class_images_settings": "dpm++ 25 steps, batch 8"}
+
+
+def run_ours(arch: str, data: dict, steps: int, name: str, overrides: list[str], work: Path) -> dict:
+    out = work / f"ours-{arch}-{name}"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    cmd = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "fp16",
+           "--dynamo_backend", "no", "-m", "finetune", "train", CONFIGS[arch],
+           f"model.pretrained={data['model']}", f"data.instance_dir={data['photos']}",
+           f"data.class_dir={data['classes']}", "data.instance_prompt=a photo of sks dog",
+           "data.class_prompt=a photo of dog", f"train.max_steps={steps}", "train.checkpoint_every=0",
+           f"output_dir={out}", *overrides]
+    t0 = time.perf_counter()
+    with GpuMemorySampler() as memory:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
+        return {"who": "finetune", "variant": name, "rc": proc.returncode}
+    summary = json.loads((out / "train_summary.json").read_text())
+    return {"who": "finetune", "variant": name, "rc": 0, "it_per_s": summary["steady_it_per_s"],
+            "peak_gpu_mib": memory.peak, "torch_reserved_mib": summary.get("peak_reserved_mib"),
+            "wall_s": round(wall, 1), "command": " ".join(shlex.quote(c) for c in cmd[8:])}
+
+
+def run_peer(arch: str, data: dict, steps: int, name: str, flags: list[str], peer_dir: Path) -> dict:
+    cmd = ["bash", str(peer_dir / "run_peer.sh"), arch, str(data["model"]), str(data["photos"]),
+           str(data["classes"]), str(steps), name, *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if not lines:
+        print(proc.stdout[-2000:], proc.stderr[-3000:], flush=True)
+        return {"who": "peer", "variant": name, "rc": proc.returncode}
+    result = json.loads(lines[-1])
+    return {"who": "peer", "variant": name, "rc": result["rc"], "it_per_s": result["it_per_s"],
+            "peak_gpu_mib": result["peak_gpu_mib"], "wall_s": result["wall_s"], "flags": " ".join(flags)}
+
+
+def versions() -> dict:
+    import accelerate, diffusers, peft, torch, transformers  # noqa: E401
+    try:
+        import bitsandbytes
+        bnb = bitsandbytes.__version__
+    except Exception:
+        bnb = None
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__, "bitsandbytes": bnb,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def markdown_rows(arch: str, results: list[dict], meta: dict) -> list[str]:
+    peer = {r["variant"]: r for r in results if r["who"] == "peer" and r.get("it_per_s")}
+    rows = []
+    for r in results:
+        if r["who"] != "finetune" or not r.get("it_per_s"):
+            continue
+        p = peer.get("default", {})
+        ratio = r["it_per_s"] / p["it_per_s"] if p.get("it_per_s") else float("nan")
+        mem = r["peak_gpu_mib"] / p["peak_gpu_mib"] if p.get("peak_gpu_mib") else float("nan")
+        rows.append(f"| {meta['date']} | {meta['gpu']} | {arch} {r['variant']} | {r['it_per_s']:.2f} it/s, "
+                    f"{r['peak_gpu_mib']} MiB | {p.get('it_per_s')} it/s, {p.get('peak_gpu_mib')} MiB | "
+                    f"{ratio:.2f}x speed, {mem:.2f}x memory |")
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", choices=CONFIGS, default="sd15")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--work", default="/tmp/finetune-bench")
+    parser.add_argument("--peer-dir", default=None, help="folder with run_peer.sh and the peer scripts")
+    parser.add_argument("--ours", default=",".join(OURS), help="comma-separated variants of ours to run")
+    parser.add_argument("--out", default="bench.json")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), **versions()}
+    data = prepare(args.arch, work)
+    results = []
+    for name in args.ours.split(","):
+        results.append(run_ours(args.arch, data, args.steps, name, OURS[name], work))
+        print(json.dumps(results[-1]), flush=True)
+    if args.peer_dir:
+        for name, flags in PEER.items():
+            results.append(run_peer(args.arch, data, args.steps, name, flags, Path(args.peer_dir)))
+            print(json.dumps(results[-1]), flush=True)
+    report = {"meta": meta, "arch": args.arch, "steps": args.steps,
+              **{k: v for k, v in data.items() if k.startswith("class_images")}, "results": results}
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    print("\n".join(markdown_rows(args.arch, results, meta)))
+
+
+if __name__ == "__main__":
+    main()
