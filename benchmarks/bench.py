@@ -21,8 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = {"sd15": "recipes/configs/sd15_dreambooth_lora.yaml", "sdxl": "recipes/configs/sdxl_dreambooth_lora.yaml"}
-RESOLUTION = {"sd15": 512, "sdxl": 1024}
+CONFIGS = {"sd15": "recipes/configs/sd15_dreambooth_lora.yaml", "sdxl": "recipes/configs/sdxl_dreambooth_lora.yaml",
+           "tiny": "recipes/configs/sd15_dreambooth_lora.yaml"}
+RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 64}
+# `tiny` runs the same code path on a CPU in seconds (the tests use it so the benchmark cannot rot).
+TINY_OVERRIDES = ["train.mixed_precision=no", "train.optimizer=adamw", "train.resolution=64", "prior.num_class_images=8"]
+NUM_CLASS = {"sd15": 100, "sdxl": 100, "tiny": 8}
 # Our variants: name -> overrides on top of the shipped config. The peer's: name -> extra flags.
 OURS = {"default": []}
 PEER = {"default": ["--use_8bit_adam"]}
@@ -36,8 +40,12 @@ class GpuMemorySampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        proc = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                                 "-lms", "100"], stdout=subprocess.PIPE, text=True)
+        try:
+            proc = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                     "-lms", "100"], stdout=subprocess.PIPE, text=True)
+        except FileNotFoundError:  # no NVIDIA GPU: nothing to sample
+            self.peak = None
+            return
         for line in proc.stdout:
             if line.strip().split(",")[0].strip().isdigit():
                 self.peak = max(self.peak, int(line.strip().split(",")[0]))
@@ -58,18 +66,19 @@ def prepare(arch: str, work: Path) -> dict:
     """Model, photos and class images, built once and shared by every run."""
     from benchmarks.models import build_sd15, build_sdxl
     from finetune.demo import prepare_photos
+    from finetune.tiny import build_tiny_sd
 
     model = work / f"model-{arch}"
     if not (model / "model_index.json").is_file():
         t0 = time.perf_counter()
-        {"sd15": build_sd15, "sdxl": build_sdxl}[arch](model)
+        {"sd15": build_sd15, "sdxl": build_sdxl, "tiny": build_tiny_sd}[arch](model)
         print(f"built {arch} in {time.perf_counter() - t0:.0f} s", flush=True)
     photos = work / "photos"
     if not photos.is_dir():
         prepare_photos(photos)
         (photos / "cat_3.txt").unlink()  # the peer reads no caption files; keep the job identical
     classes = work / f"class-{arch}"
-    timing = generate_classes(arch, model, classes) if len(list(classes.glob("*.png"))) < 100 else {}
+    timing = generate_classes(arch, model, classes) if len(list(classes.glob("*.png"))) < NUM_CLASS[arch] else {}
     return {"model": model, "photos": photos, "classes": classes, **timing}
 
 
@@ -81,29 +90,34 @@ def generate_classes(arch: str, model: Path, folder: Path) -> dict:
     from finetune.data.class_images import generate_class_images
     from finetune.models import load_pipeline
 
+    cuda = torch.cuda.is_available()
+    device, sync = ("cuda", torch.cuda.synchronize) if cuda else ("cpu", lambda: None)
     cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-    pipe = load_pipeline(ModelConfig(pretrained=str(model)), cls, dtype=torch.float16).to("cuda")
-    prior = PriorConfig(num_class_images=100, generation_batch_size=8)
-    generate_class_images(pipe, folder, "a photo of dog", prior, RESOLUTION[arch], 0, "cuda", range(0, 4))
-    torch.cuda.synchronize()
+    dtype = torch.float16 if cuda else torch.float32
+    pipe = load_pipeline(ModelConfig(pretrained=str(model)), cls, dtype=dtype).to(device)
+    count, steps = NUM_CLASS[arch], 25 if arch != "tiny" else 2
+    prior = PriorConfig(num_class_images=count, generation_batch_size=8, generation_steps=steps)
+    generate_class_images(pipe, folder, "a photo of dog", prior, RESOLUTION[arch], 0, device, range(0, 4))  # warm-up
+    sync()
     t0 = time.perf_counter()
-    generate_class_images(pipe, folder, "a photo of dog", prior, RESOLUTION[arch], 0, "cuda", range(4, 100))
-    torch.cuda.synchronize()
+    generate_class_images(pipe, folder, "a photo of dog", prior, RESOLUTION[arch], 0, device, range(4, count))
+    sync()
     seconds = time.perf_counter() - t0
     del pipe
-    torch.cuda.empty_cache()
-    return {"class_images_s_per_image": round(seconds / 96, 4), "class_images_settings": "dpm++ 25 steps, batch 8"}
+    return {"class_images_s_per_image": round(seconds / (count - 4), 4),
+            "class_images_settings": f"dpm++ {steps} steps, batch 8"}
 
 
 def run_ours(arch: str, data: dict, steps: int, name: str, overrides: list[str], work: Path) -> dict:
     out = work / f"ours-{arch}-{name}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    cmd = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "fp16",
-           "--dynamo_backend", "no", "-m", "finetune", "train", CONFIGS[arch],
+    precision = "no" if arch == "tiny" else "fp16"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "finetune", "train", CONFIGS[arch],
            f"model.pretrained={data['model']}", f"data.instance_dir={data['photos']}",
            f"data.class_dir={data['classes']}", "data.instance_prompt=a photo of sks dog",
            "data.class_prompt=a photo of dog", f"train.max_steps={steps}", "train.checkpoint_every=0",
-           f"output_dir={out}", *overrides]
+           f"output_dir={out}", *(TINY_OVERRIDES if arch == "tiny" else []), *overrides]
     t0 = time.perf_counter()
     with GpuMemorySampler() as memory:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -114,7 +128,7 @@ def run_ours(arch: str, data: dict, steps: int, name: str, overrides: list[str],
     summary = json.loads((out / "train_summary.json").read_text())
     return {"who": "finetune", "variant": name, "rc": 0, "it_per_s": summary["steady_it_per_s"],
             "peak_gpu_mib": memory.peak, "torch_reserved_mib": summary.get("peak_reserved_mib"),
-            "wall_s": round(wall, 1), "command": " ".join(shlex.quote(c) for c in cmd[8:])}
+            "wall_s": round(wall, 1), "command": "accelerate launch " + " ".join(shlex.quote(c) for c in cmd[3:])}
 
 
 def run_peer(arch: str, data: dict, steps: int, name: str, flags: list[str], peer_dir: Path) -> dict:
@@ -150,7 +164,7 @@ def markdown_rows(arch: str, results: list[dict], meta: dict) -> list[str]:
             continue
         p = peer.get("default", {})
         ratio = r["it_per_s"] / p["it_per_s"] if p.get("it_per_s") else float("nan")
-        mem = r["peak_gpu_mib"] / p["peak_gpu_mib"] if p.get("peak_gpu_mib") else float("nan")
+        mem = r["peak_gpu_mib"] / p["peak_gpu_mib"] if p.get("peak_gpu_mib") and r["peak_gpu_mib"] else float("nan")
         rows.append(f"| {meta['date']} | {meta['gpu']} | {arch} {r['variant']} | {r['it_per_s']:.2f} it/s, "
                     f"{r['peak_gpu_mib']} MiB | {p.get('it_per_s')} it/s, {p.get('peak_gpu_mib')} MiB | "
                     f"{ratio:.2f}x speed, {mem:.2f}x memory |")

@@ -1,0 +1,21 @@
+"""The GPU benchmark's code path, on a tiny model on the CPU, so that it cannot rot between GPU runs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_runs_our_recipe_end_to_end_on_a_tiny_model(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--arch", "tiny", "--steps", "4", "--work",
+                           str(tmp_path), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["meta"]["torch"] and report["class_images_s_per_image"] > 0
+    ours = report["results"][0]
+    assert ours["who"] == "finetune" and ours["rc"] == 0 and ours["it_per_s"] > 0
+    assert ours["command"].startswith("accelerate launch ") and "finetune train" in ours["command"]
+    assert len(list((tmp_path / "class-tiny").glob("*.png"))) == 8
+    assert (tmp_path / "ours-tiny-default" / "pytorch_lora_weights.safetensors").is_file()
