@@ -47,8 +47,9 @@ class StepClock:
 def optimizer_state_summary(optimizer, params) -> dict:
     """Bytes of optimizer state per trained parameter: about 8 for fp32 AdamW, about 2 when 8-bit state is real."""
     inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps it
-    state_bytes = sum(t.numel() * t.element_size() for state in inner.state.values() for t in state.values()
-                      if torch.is_tensor(t) and t.dim() > 0)
+    tensors = {t.data_ptr(): t for state in inner.state.values() for t in state.values()
+               if torch.is_tensor(t) and t.dim() > 0}  # bitsandbytes shares one quantization map across params
+    state_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     count = sum(p.numel() for p in params)
     return {"optimizer": type(inner).__name__, "trained_params": count,
             "optimizer_state_bytes_per_param": round(state_bytes / max(count, 1), 3)}
