@@ -59,9 +59,23 @@ def run_demo(out: Path, steps: int | None = None) -> Path:
     cfg = config_lib.load(dreambooth_lora.Config, DEMO_CONFIG, overrides)
     log.info("demo: training a tiny SD model on %d photos in %s", len(list(photos.glob("*.jpg"))), photos)
     result = dreambooth_lora.main(cfg)
+    before, after = loss_before_and_after(model_dir, result, cfg)
     grid = base_vs_lora_grid(model_dir, run_dir, cfg, out / "base_vs_lora.png")
+    log.info("demo: denoising loss on the subject's photos (fixed noise): base %.4f -> LoRA %.4f", before, after)
     log.info("demo: LoRA at %s; base (top) vs LoRA (bottom) at %s", result.export, grid)
     return grid
+
+
+def loss_before_and_after(model_dir: Path, result, cfg) -> tuple[float, float]:
+    from .config import ModelConfig
+    from .data.dataset import instance_examples
+    from .evaluate import instance_denoising_loss
+    from .models import load_pipeline, training_scheduler
+
+    pipe = load_pipeline(ModelConfig(pretrained=str(model_dir)))
+    parts = (pipe.tokenizer, pipe.vae, training_scheduler(pipe), instance_examples(cfg.data), cfg.train.resolution)
+    return (instance_denoising_loss(pipe.unet, pipe.text_encoder, *parts),
+            instance_denoising_loss(result.unet.cpu(), result.text_encoder.cpu(), *parts))
 
 
 def base_vs_lora_grid(model_dir: Path, run_dir: Path, cfg, path: Path, count: int = 4) -> Path:

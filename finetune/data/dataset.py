@@ -90,7 +90,7 @@ class LatentSource:
         self.cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         if cache:
             keys = [(i, f) for i in range(len(examples)) for f in ((False, True) if flips else (False,))]
-            for start in tqdm(range(0, len(keys), 8), desc="caching latents", leave=False):
+            for start in tqdm(range(0, len(keys), 8), desc="caching latents", leave=False, disable=len(keys) <= 8):
                 chunk = keys[start:start + 8]
                 mean, std = self._encode([load_pixels(examples[i], resolution, f, (0.5, 0.5)) for i, f in chunk])
                 for j, key in enumerate(chunk):
