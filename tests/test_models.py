@@ -35,3 +35,14 @@ def test_folder_loads_with_its_schedule(tiny_sd1, tiny_sd2):
     assert pipe.safety_checker is None
     assert prediction_type(training_scheduler(pipe)) == "epsilon"
     assert prediction_type(training_scheduler(load_pipeline(ModelConfig(pretrained=str(tiny_sd2))))) == "v_prediction"
+
+
+def test_variant_weights_load_and_a_missing_variant_is_clear(tiny_sd1, tmp_path):
+    import torch
+    pipe = load_pipeline(ModelConfig(pretrained=str(tiny_sd1)))
+    pipe.to(torch.float16).save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert list((tmp_path / "fp16" / "unet").glob("*.fp16.safetensors"))
+    loaded = load_pipeline(ModelConfig(pretrained=str(tmp_path / "fp16"), variant="fp16"), dtype=torch.float16)
+    assert loaded.unet.dtype == torch.float16
+    with pytest.raises(FinetuneError, match="model.pretrained: could not load"):
+        load_pipeline(ModelConfig(pretrained=str(tiny_sd1), variant="bf16"))
