@@ -32,7 +32,7 @@ def fuse_lora_into(base: ModelConfig, lora: str | Path, scale: float, out: str |
     try:
         pipe.load_lora_weights(str(lora_file(lora)), adapter_name="fused")
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise FinetuneError(f"{lora}: could not be loaded onto {base.pretrained} ({str(exc).splitlines()[0][:200]})")
+        raise FinetuneError(f"{lora}: could not be loaded onto {base.pretrained} ({str(exc).splitlines()[0][:200]})") from None
     pipe.fuse_lora(lora_scale=scale, adapter_names=["fused"])
     pipe.unload_lora_weights()  # drop the adapter modules; the fused base weights stay
     if out.suffix == ".safetensors":

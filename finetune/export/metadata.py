@@ -84,7 +84,7 @@ def kohya_metadata(info: dict, rank: int, alpha: float, has_text_encoder: bool) 
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": "v" if _value(info, "prediction_type") == "v_prediction" else "epsilon",
         "modelspec.trigger_phrase": trigger,
-        "modelspec.description": f"LoRA (rank {rank}, alpha {_number(alpha)}) trained on {_value(info, 'base_model', '')}",
+        "modelspec.description": f"LoRA (rank {rank}, alpha {_number(alpha)}) on {_value(info, 'base_model', '')}",
     }
     return meta
 

@@ -102,7 +102,8 @@ def test_fused_model_reproduces_the_lora_pipeline(trained, tiny_sd1, tmp_path, r
     want = images(lora)
     assert abs(want - images(plain)).max() > 1e-3
     folder = load_pipeline(ModelConfig(pretrained=str(tmp_path / "fused")))
-    single = load_pipeline(ModelConfig(pretrained=str(tmp_path / "fused.safetensors"), single_file_config=str(tiny_sd1)))
+    single = load_pipeline(ModelConfig(pretrained=str(tmp_path / "fused.safetensors"),
+                                       single_file_config=str(tiny_sd1)))
     assert abs(want - images(folder)).max() < 1e-4
     assert abs(want - images(single)).max() < 1e-4
     assert "model.diffusion_model.input_blocks.1.1.proj_in.weight" in load_file(tmp_path / "fused.safetensors")

@@ -78,7 +78,8 @@ def test_kohya_file_loads_in_diffusers_like_the_diffusers_file(family, request, 
     assert header["ss_base_model_version"] == ("sdxl_base_v1-0" if sdxl else "sd_v1")
     assert header["ss_resolution"] == "(64, 64)" and header["ss_steps"] == "10"
     assert json.loads(header["ss_tag_frequency"]) == {"instance": {"a photo of sks dog": 5}}
-    assert header["modelspec.architecture"] == ("stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v1") + "/lora"
+    architecture = "stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v1"
+    assert header["modelspec.architecture"] == architecture + "/lora"
     assert header["modelspec.trigger_phrase"] == "a photo of sks dog" and header["modelspec.sai_model_spec"] == "1.0.0"
 
     # diffusers reads both files to the same model; the LoRA changes every part.
