@@ -69,6 +69,21 @@ def cmd_generate(args) -> None:
     print(f"wrote {len(images)} images and grid.png to {out}")
 
 
+def cmd_export(args) -> None:
+    from .config import ModelConfig
+    if args.fuse:
+        from .export.merge import fuse_lora_into
+        if not args.base:
+            raise FinetuneError("export --fuse needs --base MODEL (the model the LoRA was trained on)")
+        base = ModelConfig(pretrained=args.base, single_file_config=args.base_config)
+        print(f"wrote {fuse_lora_into(base, args.src, args.scale, args.out)}")
+        return
+    from .export.convert import convert_lora
+    if not args.format:
+        raise FinetuneError("export needs --format kohya|diffusers (convert) or --fuse --base MODEL (merge)")
+    print(f"wrote {convert_lora(args.src, args.format, args.out, args.precision)}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
     run_demo(Path(args.out), steps=args.steps)
@@ -103,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     gen.add_argument("--out", default="generated", help="folder for the PNGs and grid.png")
     gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser("export", help="convert a LoRA between kohya and diffusers formats, or fuse it into "
+                                        "its base model")
+    exp.add_argument("src", help="LoRA file (either format) or run folder")
+    exp.add_argument("--format", choices=["kohya", "diffusers"], help="convert to this LoRA format")
+    exp.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="kohya weight precision")
+    exp.add_argument("--fuse", action="store_true", help="write the base model with the LoRA fused in")
+    exp.add_argument("--base", help="with --fuse: base model (Hub id, diffusers folder or .safetensors file)")
+    exp.add_argument("--base-config", default=None, help="with --fuse and a single-file base: its config folder")
+    exp.add_argument("--scale", type=float, default=1.0, help="with --fuse: LoRA strength")
+    exp.add_argument("--out", required=True, help="output .safetensors file, or folder")
+    exp.set_defaults(func=cmd_export)
 
     demo = sub.add_parser("demo", help="offline demo: tiny model, real photos, train, export, generate")
     demo.add_argument("--out", default="demo-output", help="folder for everything the demo writes")

@@ -206,11 +206,22 @@ class LoraConfig:
     unet_targets: Literal["cross_attention", "all_attention"] = option(
         "cross_attention", "U-Net layers that get LoRA: cross_attention (attn2 q/k/v/out) or all_attention")
     text_encoder: bool = option(False, "also train LoRA on the text encoder's q/k/v/out projections")
+    init_from: str | None = option(None, "start from an existing LoRA (diffusers or kohya file, or a run folder); "
+                                         "its rank, alpha and layers must match the settings above")
 
     def __post_init__(self):
         check(self.rank >= 1, "lora.rank", "must be at least 1")
         check(self.alpha > 0, "lora.alpha", "must be positive")
         check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    kohya: bool = option(False, "also write <output_dir name>.safetensors in kohya format (A1111, Forge, ComfyUI)")
+    kohya_precision: Literal["fp16", "bf16", "fp32"] = option("fp16", "precision of the kohya file's weights")
+    model_card: bool = option(True, "write README.md (a Hub model card) beside the exported weights")
+    license: str = option("creativeml-openrail-m", "license field of the model card (the base model's license)")
+    push_to_hub: str | None = option(None, "Hub repo id (org/name) to upload the exported files to at the end")
 
 
 @dataclasses.dataclass

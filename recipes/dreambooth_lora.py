@@ -17,12 +17,16 @@ from accelerate.utils import set_seed
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from finetune.config import DataConfig, LoraConfig, ModelConfig, PriorConfig, TrainConfig, option, to_dict
+from finetune.config import (DataConfig, ExportConfig, LoraConfig, ModelConfig, PriorConfig, TrainConfig, option,
+                             to_dict)
 from finetune.data.class_images import count_images, generate_class_images
 from finetune.data.dataset import (LatentSource, PromptEmbeddings, class_examples, instance_examples, plan_batch,
                                    step_generator)
 from finetune.errors import FinetuneError
 from finetune.export.diffusers_format import save_diffusers_lora
+from finetune.export.lora_weights import load_into_models, read_lora
+from finetune.export.metadata import model_family, tag_frequency
+from finetune.export.publish import publish
 from finetune.lora import add_text_encoder_lora, add_unet_lora, keep_lora_fp32, lora_parameters
 from finetune.models import freeze, load_pipeline, training_scheduler
 from finetune.training.accelerator import flat_hparams, make_accelerator, weight_dtype
@@ -43,6 +47,7 @@ class Config:
     prior: PriorConfig = option(PriorConfig(), "prior preservation with class images")
     lora: LoraConfig = option(LoraConfig(), "where LoRA goes and its size")
     train: TrainConfig = option(TrainConfig(), "the optimisation")
+    export: ExportConfig = option(ExportConfig(), "extra export formats, model card and Hub upload")
     output_dir: str = option("runs/dreambooth-lora", "checkpoints, TensorBoard logs and the exported LoRA go here")
 
 
@@ -75,6 +80,9 @@ def main(cfg: Config) -> Result:
     add_unet_lora(unet, cfg.lora)
     if cfg.lora.text_encoder:
         add_text_encoder_lora(text_encoder, cfg.lora)
+    if cfg.lora.init_from:  # continue from an earlier LoRA (a resumed checkpoint overrides it below)
+        load_into_models(read_lora(cfg.lora.init_from), {"unet": unet, "text_encoder": text_encoder}
+                         if cfg.lora.text_encoder else {"unet": unet}, cfg.lora.init_from)
     unet.to(device, dtype), text_encoder.to(device, dtype), vae.to(device, torch.float32)
     keep_lora_fp32(unet, text_encoder)
     if train.gradient_checkpointing:
@@ -111,7 +119,7 @@ def main(cfg: Config) -> Result:
     def export(folder: Path, steps: int) -> Path:
         return save_diffusers_lora(folder, StableDiffusionPipeline, accelerator.unwrap_model(unet),
                                    {"text_encoder": accelerator.unwrap_model(text_encoder)}
-                                   if cfg.lora.text_encoder else {}, export_info(cfg, noise_scheduler, steps))
+                                   if cfg.lora.text_encoder else {}, export_info(cfg, pipe, instance, steps))
 
     # 5. The loop: noise instance + class latents, predict, prior-preservation loss, step.
     bar = tqdm(range(start, train.max_steps), initial=start, total=train.max_steps, desc="training",
@@ -143,7 +151,8 @@ def main(cfg: Config) -> Result:
             save_checkpoint(accelerator, cfg.output_dir, step + 1, train.keep_checkpoints,
                             lambda folder: export(folder, step + 1))
 
-    # 6. Export: a checkpoint to resume or extend from, the LoRA file diffusers loads, and what the run measured.
+    # 6. Export: a checkpoint to resume or extend from, the LoRA file diffusers loads, the kohya file the UIs
+    #    load, the model card, and what the run measured.
     summary = {**clock.summary(train.max_steps), **optimizer_state_summary(optimizer, params)}
     save_checkpoint(accelerator, cfg.output_dir, train.max_steps, train.keep_checkpoints,
                     lambda folder: export(folder, train.max_steps))
@@ -152,6 +161,10 @@ def main(cfg: Config) -> Result:
         final = export(Path(cfg.output_dir), train.max_steps)
         write_summary(cfg.output_dir, summary)
         log.info("exported %s (%s it/s)", final, summary["steady_it_per_s"])
+        lora_models = {"unet": accelerator.unwrap_model(unet)}
+        if cfg.lora.text_encoder:
+            lora_models["text_encoder"] = accelerator.unwrap_model(text_encoder)
+        publish(cfg.output_dir, cfg.export, lora_models, export_info(cfg, pipe, instance, train.max_steps))
     accelerator.end_training()
     return Result(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), final, train.max_steps)
 
@@ -196,8 +209,14 @@ def check_output_dir(cfg: Config) -> Path | None:
     return resume_from
 
 
-def export_info(cfg: Config, noise_scheduler, steps: int) -> dict:
-    return {"base_model": cfg.model.pretrained, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-            "unet_targets": cfg.lora.unet_targets, "text_encoder": cfg.lora.text_encoder, "steps": steps,
-            "trigger": cfg.data.instance_prompt, "resolution": cfg.train.resolution,
-            "prediction_type": noise_scheduler.config.prediction_type, "recipe": "dreambooth_lora"}
+def export_info(cfg: Config, pipe, instance, steps: int) -> dict:
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    seen = steps * cfg.train.batch_size * cfg.train.gradient_accumulation
+    return {"base_model": cfg.model.pretrained, "family": model_family(pipe.unet.config, prediction),
+            "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "unet_targets": cfg.lora.unet_targets,
+            "text_encoder": cfg.lora.text_encoder, "steps": steps, "trigger": cfg.data.instance_prompt,
+            "resolution": cfg.train.resolution, "prediction_type": prediction, "recipe": "dreambooth_lora",
+            "learning_rate": cfg.train.learning_rate, "batch_size": cfg.train.batch_size,
+            "epochs": max(1, -(-seen // (len(instance) * cfg.data.repeats))), "num_train_images": len(instance),
+            "num_class_images": cfg.prior.num_class_images, "seed": cfg.train.seed,
+            "title": Path(cfg.output_dir).resolve().name, "tag_frequency": tag_frequency([e.prompt for e in instance])}

@@ -32,21 +32,29 @@ def save_diffusers_lora(folder: str | Path, pipeline_class, unet, text_encoders:
     `text_encoders` maps the pipeline's attribute name ('text_encoder', 'text_encoder_2') to a model with LoRA;
     `info` (base model, trigger, steps, ...) goes into the header under finetune.* keys.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    kwargs = {"unet_lora_layers": diffusers_layers(unet), "unet_lora_adapter_metadata": adapter_metadata(unet)}
-    for name, encoder in text_encoders.items():
-        kwargs[f"{name}_lora_layers"] = diffusers_layers(encoder)
-        kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(encoder)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as scratch:
+    models = {"unet": unet, **text_encoders}
+    return save_diffusers_layers(Path(folder) / WEIGHT_NAME, pipeline_class,
+                                 {name: diffusers_layers(model) for name, model in models.items()},
+                                 {name: adapter_metadata(model) for name, model in models.items()}, info)
+
+
+def save_diffusers_layers(path: str | Path, pipeline_class, layers: dict, adapters: dict, info: dict) -> Path:
+    """Write a diffusers LoRA file from per-component layers (diffusers key format) and adapter configs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    for name in layers:
+        kwargs[f"{name}_lora_layers"] = layers[name]
+        kwargs[f"{name}_lora_adapter_metadata"] = adapters[name]
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
         pipeline_class.save_lora_weights(scratch, weight_name=WEIGHT_NAME, **kwargs)
         written = Path(scratch) / WEIGHT_NAME
         tensors, header = load_file(written), read_header(written)
         header.update({METADATA_PREFIX + key: _as_text(value) for key, value in info.items()})
         header[METADATA_PREFIX + "version"] = __version__
         save_file(tensors, written, metadata=header)
-        os.replace(written, folder / WEIGHT_NAME)
-    return folder / WEIGHT_NAME
+        os.replace(written, path)
+    return path
 
 
 def read_header(path: str | Path) -> dict[str, str]:

@@ -1,0 +1,59 @@
+"""Write LoRA weights in either format, and convert a file or run folder from one format to the other."""
+from __future__ import annotations
+
+import json
+
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+
+from ..errors import FinetuneError
+from .diffusers_format import METADATA_PREFIX, WEIGHT_NAME, save_diffusers_layers
+from .kohya import save_kohya_lora
+from .lora_weights import LoraWeights, read_lora
+from .metadata import kohya_metadata
+
+FORMATS = ("kohya", "diffusers")
+
+
+def export_kohya(weights: LoraWeights, path: str | Path, info: dict, precision: str = "fp16") -> Path:
+    """The kohya file with the ss_*/modelspec.* keys the UIs show, plus our finetune.* info."""
+    part = "unet" if "unet" in weights.layers else next(iter(weights.layers))
+    has_text_encoder = any(name != "unet" for name in weights.layers)
+    metadata = kohya_metadata(info, weights.rank(part), weights.alpha[part], has_text_encoder)
+    metadata.update({METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
+    return save_kohya_lora(path, weights, metadata, precision)
+
+
+def export_diffusers(weights: LoraWeights, path: str | Path, info: dict) -> Path:
+    """A diffusers file from any LoraWeights (for a LoRA trained here, save_diffusers_lora writes it directly)."""
+    pipeline_class = StableDiffusionXLPipeline if weights.is_sdxl else StableDiffusionPipeline
+    layers = {name: convert_state_dict_to_diffusers(part) for name, part in weights.layers.items()}
+    adapters = {name: {"r": weights.rank(name), "lora_alpha": weights.alpha[name],
+                       "target_modules": weights.modules(name), "use_dora": False, "lora_bias": False}
+                for name in weights.layers}
+    return save_diffusers_layers(path, pipeline_class, layers, adapters, info)
+
+
+def header_info(weights: LoraWeights) -> dict:
+    """The finetune.* entries a file carries (kept when converting), without the prefix."""
+    return {k[len(METADATA_PREFIX):]: v for k, v in weights.header.items()
+            if k.startswith(METADATA_PREFIX) and k != METADATA_PREFIX + "version"}
+
+
+def convert_lora(src: str | Path, fmt: str, out: str | Path, precision: str = "fp16") -> Path:
+    """Convert a LoRA file (or a run folder's diffusers file) to `fmt`; `out` is a .safetensors path or a
+    folder (diffusers format: folder/pytorch_lora_weights.safetensors, which load_lora_weights(folder) finds)."""
+    if fmt not in FORMATS:
+        raise FinetuneError(f"--format {fmt}: choose kohya or diffusers")
+    weights = read_lora(src)
+    info = header_info(weights)
+    if weights.source_format == "kohya" and "trigger" not in info:
+        info["trigger"] = weights.header.get("modelspec.trigger_phrase", "")
+    out = Path(out)
+    if fmt == "kohya":
+        if out.suffix != ".safetensors":
+            raise FinetuneError(f"--out {out}: a kohya LoRA is one file; give a path ending in .safetensors")
+        return export_kohya(weights, out, info, precision)
+    return export_diffusers(weights, out if out.suffix == ".safetensors" else out / WEIGHT_NAME, info)
