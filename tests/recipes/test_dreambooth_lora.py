@@ -117,7 +117,7 @@ def test_training_lowers_the_instance_denoising_loss(tiny_sd1, photos, tmp_path)
     examples = instance_examples(cfg.data)
     latents = LatentSource(pipe.vae, examples, 64, cache=True, flips=False, device="cpu")
     g = torch.Generator().manual_seed(123)
-    clean = torch.cat([latents.sample(list(range(5)), [False] * 5, None, g) for _ in range(4)])
+    clean = torch.cat([latents.sample(list(range(5)), [False] * 5, None, [g] * 5) for _ in range(4)])
     noise = torch.randn(clean.shape, generator=g)
     timesteps = torch.randint(0, 1000, (clean.shape[0],), generator=g)
     embeddings = PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, [], False, "cpu")(
