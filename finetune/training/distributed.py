@@ -72,9 +72,14 @@ def retarget_learning_rate(optimizer, lr_scheduler, lr: float) -> None:
 
 def lora_digest(*models: torch.nn.Module) -> str:
     """sha256 of the LoRA weights of `models` (names and exact bytes), to compare processes cheaply."""
+    return state_digest([lora_state(model) for model in models])
+
+
+def state_digest(states: list[dict[str, torch.Tensor]]) -> str:
+    """sha256 of LoRA state dicts, in order (the same states as a checkpoint's lora_i.safetensors hold)."""
     digest = hashlib.sha256()
-    for model in models:
-        for name, tensor in sorted(lora_state(model).items()):
+    for state in states:
+        for name, tensor in sorted(state.items()):
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
