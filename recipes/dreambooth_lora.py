@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ class Result:
     text_encoder: torch.nn.Module
     export: Path
     steps: int
+    step_times: list[float] = dataclasses.field(default_factory=list)  # perf_counter at each step's end
 
 
 def main(cfg: Config) -> Result:
@@ -129,6 +131,7 @@ def main(cfg: Config) -> Result:
     def progress(steps: int) -> dict:  # samples seen so far: where a resumed run, on any process count, goes on
         return {"samples": seen + (steps - start) * samples_per_step(train, accelerator.num_processes)}
 
+    step_times = []
     for step in bar:
         for micro in range(train.gradient_accumulation):
             plan = plans[(step - start) * train.gradient_accumulation + micro]
@@ -150,6 +153,7 @@ def main(cfg: Config) -> Result:
         if train.checkpoint_every and (step + 1) % train.checkpoint_every == 0 and step + 1 < train.max_steps:
             save_checkpoint(accelerator, cfg.output_dir, step + 1, train.keep_checkpoints,
                             lambda folder: export(folder, step + 1), progress(step + 1))
+        step_times.append(time.perf_counter())
 
     # 6. Export: a checkpoint to resume or extend from, and the LoRA file diffusers loads.
     check_replicas_agree(accelerator, *[accelerator.unwrap_model(m) for m in trained])
@@ -160,7 +164,8 @@ def main(cfg: Config) -> Result:
         final = export(Path(cfg.output_dir), train.max_steps)
         log.info("exported %s", final)
     accelerator.end_training()
-    return Result(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), final, train.max_steps)
+    return Result(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), final, train.max_steps,
+                  step_times)
 
 
 def denoise_step(unet, noise_scheduler, latents: LatentSource, prompts: PromptEmbeddings, examples, plan,
