@@ -30,11 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(processes: int, *args: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` N CPU processes; ACCELERATE_USE_CPU makes Accelerate take gloo instead of NCCL."""
+def launch(*args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` with the shipped multi-GPU config (2 processes), on CPU: ACCELERATE_USE_CPU makes
+    Accelerate take gloo instead of NCCL, and the precision falls back to fp32."""
     env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               "examples/accelerate_multi_gpu.yaml", "--mixed_precision", "no",
                "--main_process_port", str(free_port()), *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -61,8 +62,8 @@ def test_two_processes_split_class_images_and_train_like_one_process_with_twice_
         "train.checkpoint_every": 2, "lora.text_encoder": "true", "data.random_flip": "true",
         "train.lr_scheduler": "linear", "train.lr_warmup_steps": 1, "prior.generation_batch_size": 1})
 
-    # 2 processes x batch 1, through the real CLI.
-    two = launch(2, "-m", "finetune", "train", SD15, *overrides, f"output_dir={tmp_path / 'two'}",
+    # 2 processes x batch 1, through the real CLI and the shipped launch config.
+    two = launch("-m", "finetune", "train", SD15, *overrides, f"output_dir={tmp_path / 'two'}",
                  "train.batch_size=1")
     assert two.returncode == 0, two.stderr[-3000:]
     # Class images: the two missing ones (indices 0 and 2: the gaps), one per process, none twice.
