@@ -53,8 +53,9 @@ def build_random_sd15(folder: Path) -> Path:
     tokenizer = tiny_tokenizer()
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**SD15_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
-                                   tokenizer=tokenizer, unet=UNet2DConditionModel(**SD15_UNET), scheduler=scheduler,
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**SD15_VAE), text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=UNet2DConditionModel(**SD15_UNET), scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     save_tokenizer(tokenizer, folder / "tokenizer")

@@ -128,6 +128,7 @@ def main(cfg: Config) -> Result:
     # 5. The loop: noise instance + class latents, predict, prior-preservation loss, step.
     bar = tqdm(range(start, train.max_steps), initial=start, total=train.max_steps, desc="training",
                disable=not accelerator.is_local_main_process)
+
     def progress(steps: int) -> dict:  # samples seen so far: where a resumed run, on any process count, goes on
         return {"samples": seen + (steps - start) * samples_per_step(train, accelerator.num_processes)}
 

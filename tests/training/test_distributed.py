@@ -22,8 +22,10 @@ def merged(ranks):
     """What one process with the summed batch would hold: instance samples of all ranks, then class samples."""
     inst = [i for p in ranks for i in p.instance]
     cls = [c for p in ranks for c in p.classes]
-    flips = [f for p in ranks for f in p.flips[:len(p.instance)]] + [f for p in ranks for f in p.flips[len(p.instance):]]
-    crops = [c for p in ranks for c in p.crops[:len(p.instance)]] + [c for p in ranks for c in p.crops[len(p.instance):]]
+    flips = ([x for p in ranks for x in p.flips[:len(p.instance)]]
+             + [x for p in ranks for x in p.flips[len(p.instance):]])
+    crops = ([x for p in ranks for x in p.crops[:len(p.instance)]]
+             + [x for p in ranks for x in p.crops[len(p.instance):]])
     return inst, cls, flips, crops, [q for p in ranks for q in p.positions]
 
 
