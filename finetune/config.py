@@ -228,6 +228,9 @@ class ExportConfig:
 class TrainConfig:
     max_steps: int = option(400, "optimizer steps to train")
     learning_rate: float = option(1e-4, "peak learning rate")
+    scale_lr: Literal["none", "linear", "sqrt"] = option(
+        "none", "scale learning_rate by samples per step (batch_size x processes x gradient_accumulation): "
+                "none, linear or sqrt")
     batch_size: int = option(1, "instance images per step per GPU (as many class images are added)")
     gradient_accumulation: int = option(1, "micro-batches accumulated per optimizer step")
     resolution: int = option(512, "training resolution in pixels (square)")

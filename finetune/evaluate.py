@@ -18,7 +18,8 @@ def instance_denoising_loss(unet, text_encoder, tokenizer, vae, scheduler, examp
     latents = LatentSource(vae, examples, resolution, cache=True, flips=False, device=device)
     generator = torch.Generator(device).manual_seed(seed)
     indices = list(range(len(examples)))
-    clean = torch.cat([latents.sample(indices, [False] * len(indices), None, generator) for _ in range(draws)])
+    clean = torch.cat([latents.sample(indices, [False] * len(indices), None, [generator] * len(indices))
+                       for _ in range(draws)])
     noise = torch.randn(clean.shape, generator=generator, device=device)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator,
                               device=device)

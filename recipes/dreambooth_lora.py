@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from finetune.config import (DataConfig, ExportConfig, LoraConfig, ModelConfig, PriorConfig, TrainConfig, option,
                              to_dict)
-from finetune.data.class_images import count_images, generate_class_images
-from finetune.data.dataset import (LatentSource, PromptEmbeddings, class_examples, instance_examples, plan_batch,
-                                   step_generator)
+from finetune.data.class_images import generate_class_images
+from finetune.data.dataset import (LatentSource, PromptEmbeddings, cache_keys, class_examples, instance_examples,
+                                   plan_batch, sample_generators)
 from finetune.errors import FinetuneError
 from finetune.export.diffusers_format import save_diffusers_lora
 from finetune.export.lora_weights import load_into_models, read_lora
@@ -30,14 +30,15 @@ from finetune.export.publish import publish
 from finetune.lora import add_text_encoder_lora, add_unet_lora, keep_lora_fp32, lora_parameters
 from finetune.models import freeze, load_pipeline, training_scheduler
 from finetune.training.accelerator import flat_hparams, make_accelerator, weight_dtype
-from finetune.training.checkpoint import (checkpoint_dirs, find_checkpoint, load_checkpoint,
+from finetune.training.checkpoint import (checkpoint_dirs, find_checkpoint, load_checkpoint, read_progress,
                                           register_lora_only_saving, save_checkpoint)
+from finetune.training.distributed import (check_replicas_agree, class_image_share, report_class_images,
+                                           retarget_learning_rate, samples_per_step, scaled_learning_rate)
 from finetune.training.loss import add_noise, diffusion_target, prior_preservation_loss
 from finetune.training.optim import build_lr_scheduler, build_optimizer
 from finetune.training.summary import StepClock, optimizer_state_summary, write_summary
 
 log = logging.getLogger("finetune")
-NOISE_STREAM = 10
 
 
 @dataclasses.dataclass
@@ -64,6 +65,7 @@ def main(cfg: Config) -> Result:
     device, dtype, train = accelerator.device, weight_dtype(accelerator), cfg.train
     set_seed(train.seed)
     resume_from = check_output_dir(cfg)
+    start, seen = resume_point(resume_from, samples_per_step(train, accelerator.num_processes))
     instance = instance_examples(cfg.data)
     pipe = load_pipeline(cfg.model)
 
@@ -90,19 +92,27 @@ def main(cfg: Config) -> Result:
         if cfg.lora.text_encoder:
             text_encoder.gradient_checkpointing_enable()
 
-    # 3. Encode every photo once with the VAE (and every prompt once, if the text encoder is frozen).
+    # 3. Plan this process's share of the samples (its positions in the one global order, from where a resumed
+    #    run left off); encode once with the VAE the photos it will read (and every prompt, if the encoder is frozen).
     examples = instance + classes
+    plans = [plan_batch(train.seed, micro, train.batch_size, len(instance), cfg.data.repeats, len(classes),
+                        cfg.data.random_flip, not cfg.data.center_crop, accelerator.process_index,
+                        accelerator.num_processes, offset=seen)
+             for micro in range((train.max_steps - start) * train.gradient_accumulation)]
     cache_latents = train.cache_latents and cfg.data.center_crop
-    latents = LatentSource(vae, examples, train.resolution, cache_latents, cfg.data.random_flip, device)
+    latents = LatentSource(vae, examples, train.resolution, cache_latents, cfg.data.random_flip, device,
+                           keys=cache_keys(plans, len(instance)))
     if cache_latents:
         vae.to("cpu")  # done with it: free the GPU memory
 
-    # 4. Optimizer, schedule, and Accelerate's wrapping of what trains.
+    # 4. Optimizer, schedule (in optimizer steps, whatever the process count), and Accelerate's wrapping.
     trained = [unet, text_encoder] if cfg.lora.text_encoder else [unet]
     params = lora_parameters(*trained)
-    optimizer = build_optimizer(params, train, device)
-    lr_scheduler = build_lr_scheduler(optimizer, train, accelerator.num_processes)
-    *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    lr = scaled_learning_rate(train, accelerator.num_processes)
+    optimizer = build_optimizer(params, dataclasses.replace(train, learning_rate=lr), device)
+    lr_scheduler = build_lr_scheduler(optimizer, train)
+    *trained, optimizer = accelerator.prepare(*trained, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
     unet = trained[0]
     text_encoder = trained[1] if cfg.lora.text_encoder else text_encoder
     cache_prompts = train.cache_text_embeddings and not cfg.lora.text_encoder
@@ -110,9 +120,10 @@ def main(cfg: Config) -> Result:
     if cache_prompts:
         text_encoder.to("cpu")
     register_lora_only_saving(accelerator)
-    start = load_checkpoint(accelerator, resume_from) if resume_from else 0
     if resume_from:
-        log.info("resumed from %s at step %d", resume_from, start)
+        load_checkpoint(accelerator, resume_from)
+        retarget_learning_rate(optimizer, lr_scheduler, lr)
+        log.info("resumed from %s at step %d (%d samples seen)", resume_from, start, seen)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth_lora", config=flat_hparams(to_dict(cfg)))
 
@@ -125,37 +136,39 @@ def main(cfg: Config) -> Result:
     bar = tqdm(range(start, train.max_steps), initial=start, total=train.max_steps, desc="training",
                disable=not accelerator.is_local_main_process)
     clock = StepClock(device, train.max_steps - start)
+
+    def progress(steps: int) -> dict:  # samples seen so far: where a resumed run, on any process count, goes on
+        return {"samples": seen + (steps - start) * samples_per_step(train, accelerator.num_processes)}
+
     for step in bar:
         for micro in range(train.gradient_accumulation):
-            micro_step = step * train.gradient_accumulation + micro
+            plan = plans[(step - start) * train.gradient_accumulation + micro]
             with accelerator.accumulate(*trained):
-                plan = plan_batch(train.seed, micro_step, train.batch_size, len(instance), cfg.data.repeats,
-                                  len(classes), cfg.data.random_flip, not cfg.data.center_crop,
-                                  accelerator.process_index, accelerator.num_processes)
-                noise_rng = step_generator(train.seed, NOISE_STREAM,
-                                           micro_step * accelerator.num_processes + accelerator.process_index, device)
                 loss, parts = denoise_step(unet, noise_scheduler, latents, prompts, examples, plan, len(instance),
-                                           cfg.prior.loss_weight, noise_rng)
+                                           cfg.prior.loss_weight, sample_generators(train.seed, plan, device))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and train.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, train.max_grad_norm)
                 optimizer.step()
-                lr_scheduler.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         clock.step_done()
         if (step + 1) % train.log_every == 0 or step + 1 == train.max_steps:
-            logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], **{k: v.item() for k, v in parts.items()}}
+            means = accelerator.reduce(torch.stack([loss.detach(), *parts.values()]), "mean").tolist()
+            logs = {"loss": means[0], "lr": lr_scheduler.get_last_lr()[0], **dict(zip(parts, means[1:]))}
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=step + 1)
         if train.checkpoint_every and (step + 1) % train.checkpoint_every == 0 and step + 1 < train.max_steps:
             save_checkpoint(accelerator, cfg.output_dir, step + 1, train.keep_checkpoints,
-                            lambda folder: export(folder, step + 1))
+                            lambda folder: export(folder, step + 1), progress(step + 1))
 
     # 6. Export: a checkpoint to resume or extend from, the LoRA file diffusers loads, the kohya file the UIs
     #    load, the model card, and what the run measured.
+    check_replicas_agree(accelerator, *[accelerator.unwrap_model(m) for m in trained])
     summary = {**clock.summary(train.max_steps), **optimizer_state_summary(optimizer, params)}
     save_checkpoint(accelerator, cfg.output_dir, train.max_steps, train.keep_checkpoints,
-                    lambda folder: export(folder, train.max_steps))
+                    lambda folder: export(folder, train.max_steps), progress(train.max_steps))
     final = Path(cfg.output_dir) / "pytorch_lora_weights.safetensors"
     if accelerator.is_main_process:
         final = export(Path(cfg.output_dir), train.max_steps)
@@ -170,11 +183,12 @@ def main(cfg: Config) -> Result:
 
 
 def denoise_step(unet, noise_scheduler, latents: LatentSource, prompts: PromptEmbeddings, examples, plan,
-                 num_instance: int, prior_weight: float, generator: torch.Generator):
-    """One forward pass: instance samples first, then class samples, in one batch."""
+                 num_instance: int, prior_weight: float, generators: list[torch.Generator]):
+    """One forward pass: instance samples first, then class samples, in one batch; sample k draws from
+    generators[k]."""
     indices = plan.instance + [num_instance + i for i in plan.classes]
-    clean = latents.sample(indices, plan.flips, plan.crops, generator)
-    noisy, noise, timesteps = add_noise(noise_scheduler, clean, generator)
+    clean = latents.sample(indices, plan.flips, plan.crops, generators)
+    noisy, noise, timesteps = add_noise(noise_scheduler, clean, generators)
     embeddings = prompts([examples[i].prompt for i in indices])
     prediction = unet(noisy, timesteps, embeddings).sample
     target = diffusion_target(noise_scheduler, clean, noise, timesteps)
@@ -188,16 +202,23 @@ def ensure_class_images(accelerator, pipe, cfg: Config) -> None:
                             "folder for class images, or set prior.num_class_images=0")
     if not cfg.data.class_prompt.strip():
         raise FinetuneError("data.class_prompt is empty; describe the class, e.g. 'a photo of a dog'")
-    have = count_images(Path(cfg.data.class_dir))
-    accelerator.wait_for_everyone()
-    missing = range(have, cfg.prior.num_class_images)
-    if len(missing):
+    missing, share = class_image_share(accelerator, cfg.data.class_dir, cfg.prior.num_class_images)
+    if missing:
         dtype = torch.float16 if accelerator.device.type == "cuda" else torch.float32
         pipe.to(accelerator.device, dtype)
-        share = missing[accelerator.process_index::accelerator.num_processes]
         generate_class_images(pipe, cfg.data.class_dir, cfg.data.class_prompt, cfg.prior, cfg.train.resolution,
                               cfg.train.seed, accelerator.device, share)
     accelerator.wait_for_everyone()
+    if missing:
+        report_class_images(accelerator, cfg.data.class_dir, cfg.prior.num_class_images, share)
+
+
+def resume_point(checkpoint: Path | None, samples_per_step: int) -> tuple[int, int]:
+    """(optimizer steps done, samples seen) at the checkpoint; (0, 0) for a fresh run."""
+    if checkpoint is None:
+        return 0, 0
+    progress = read_progress(checkpoint)
+    return progress["step"], progress.get("samples", progress["step"] * samples_per_step)
 
 
 def check_output_dir(cfg: Config) -> Path | None:

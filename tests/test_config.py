@@ -87,3 +87,22 @@ def test_show_config_docs_cover_every_field(run_cli):
     for key, _, doc in config_lib.field_docs(load_recipe_config(None, [])[0].Config):
         assert doc, f"{key} has no doc"
         assert key in out
+
+
+LAUNCH_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "examples").glob("accelerate_*.yaml"))
+
+
+def test_launch_configs_single_gpu_default_and_multi_gpu_examples():
+    from accelerate.commands.config.config_args import ClusterConfig
+    root = Path(__file__).resolve().parent.parent
+    default = ClusterConfig.from_yaml_file(str(root / "accelerate_config.yaml"))
+    assert default.num_processes == 1 and default.distributed_type == "NO"
+    assert {p.name for p in LAUNCH_CONFIGS} == {"accelerate_multi_gpu.yaml", "accelerate_multi_node.yaml"}
+    for path in LAUNCH_CONFIGS:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith(f"# accelerate launch --config_file examples/{path.name} "), first
+        assert first.endswith("-m finetune train recipes/configs/sd15_dreambooth_lora.yaml")
+        config = ClusterConfig.from_yaml_file(str(path))  # Accelerate's own reader: unknown keys fail
+        assert config.distributed_type == "MULTI_GPU" and config.num_processes >= 2
+    node = ClusterConfig.from_yaml_file(str(root / "examples" / "accelerate_multi_node.yaml"))
+    assert node.num_machines == 2 and node.main_process_ip and node.main_process_port

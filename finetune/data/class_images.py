@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -16,6 +17,27 @@ from .images import IMAGE_SUFFIXES
 
 def count_images(folder: Path) -> int:
     return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
+
+
+GENERATED = re.compile(r"class-(\d{5,})-[0-9a-f]{12}\.png")
+
+
+def missing_class_indices(folder: Path, wanted: int) -> list[int]:
+    """Indices of the class images still to generate for `folder` to hold `wanted` images.
+
+    Our images are named by index (class-00007-<hash>.png, drawn from seed + 7); any other image in the folder
+    counts too. The gaps are filled first, so a run that several processes left half done (say images 1 and 3
+    written, 0 and 2 not) completes with every index once rather than redrawing taken ones.
+    """
+    paths = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else []
+    taken = {int(m.group(1)) for m in map(GENERATED.fullmatch, (p.name for p in paths)) if m}
+    short = wanted - len(paths)
+    missing, index = [], 0
+    while len(missing) < short:
+        if index not in taken:
+            missing.append(index)
+        index += 1
+    return missing
 
 
 def write_png_atomically(image, folder: Path, index: int) -> Path:
@@ -40,8 +62,7 @@ def generate_class_images(pipe, folder: str | Path, prompt: str, prior: PriorCon
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    have = count_images(folder)
-    todo = list(indices) if indices is not None else list(range(have, prior.num_class_images))
+    todo = list(indices) if indices is not None else missing_class_indices(folder, prior.num_class_images)
     if not todo:
         return 0
     set_scheduler(pipe, prior.generation_scheduler)

@@ -45,10 +45,12 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: json.loads((p / PROGRESS).read_text())["step"])
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, keep: int, extra_files=None) -> Path:
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, keep: int, extra_files=None,
+                    progress: dict | None = None) -> Path:
     """Write checkpoints/step-N under a temporary name and rename it, so a crash never leaves half a checkpoint.
 
-    `extra_files(folder)` may add files (the export) before the rename. Then only the newest `keep` remain.
+    `extra_files(folder)` may add files (the export) before the rename; `progress` adds to the step in
+    progress.json (e.g. samples seen). Then only the newest `keep` remain.
     """
     final = Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
     tmp = final.with_name(f".{final.name}.tmp")
@@ -60,7 +62,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     if accelerator.is_main_process:
         if extra_files is not None:
             extra_files(tmp)
-        (tmp / PROGRESS).write_text(json.dumps({"step": step}))
+        (tmp / PROGRESS).write_text(json.dumps({"step": step, **(progress or {})}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoint_dirs(output_dir)[:-keep]:
@@ -86,7 +88,17 @@ def find_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
+def read_progress(path: Path) -> dict:
+    """What progress.json of a checkpoint says: at least the step to continue from."""
+    return json.loads((path / PROGRESS).read_text())
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path) -> int:
-    """Restore everything save_checkpoint wrote; return the step to continue from."""
+    """Restore everything save_checkpoint wrote; return the step to continue from.
+
+    It may have been written by another number of processes: LoRA weights, optimizer and schedule are one copy
+    for all; Accelerate's per-process RNG files are restored where they exist, but nothing depends on them
+    (data order and noise are keyed by sample position), which is what makes resuming on M != N exact.
+    """
     accelerator.load_state(str(path))
-    return int(json.loads((path / PROGRESS).read_text())["step"])
+    return int(read_progress(path)["step"])

@@ -26,11 +26,14 @@ def prior_preservation_loss(prediction: torch.Tensor, target: torch.Tensor, num_
     return instance + prior_weight * prior, {"instance_loss": instance.detach(), "prior_loss": prior.detach()}
 
 
-def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator):
-    """Draw noise and timesteps from `generator` and noise the latents: (noisy, noise, timesteps)."""
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
-                              device=latents.device)
+def add_noise(scheduler, latents: torch.Tensor, generators: list[torch.Generator]):
+    """Noise the latents, sample k's noise and timestep drawn from generators[k]: (noisy, noise, timesteps).
+
+    One generator per sample, so a sample gets the same draws whatever batch (or process) it lands in.
+    """
+    shape, device, count = (1, *latents.shape[1:]), latents.device, scheduler.config.num_train_timesteps
+    noise = torch.cat([torch.randn(shape, generator=g, device=device, dtype=latents.dtype) for g in generators])
+    timesteps = torch.cat([torch.randint(0, count, (1,), generator=g, device=device) for g in generators])
     return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 

@@ -40,10 +40,15 @@ def build_optimizer(params, train: TrainConfig, device: torch.device) -> torch.o
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
-def build_lr_scheduler(optimizer, train: TrainConfig, num_processes: int = 1):
-    """The schedule over train.max_steps; Accelerate steps a prepared scheduler once per process, hence the factor."""
+def build_lr_scheduler(optimizer, train: TrainConfig):
+    """The schedule over train.max_steps, counted in optimizer steps.
+
+    The recipe steps it itself once per optimizer step rather than through accelerator.prepare, which steps a
+    scheduler once per process: counted that way, a checkpoint's schedule position would depend on the process
+    count and go wrong when resumed with another.
+    """
     if train.lr_scheduler not in SCHEDULES:
         raise ConfigError(f"train.lr_scheduler: {train.lr_scheduler!r} is not one of {', '.join(SCHEDULES)}")
     name = "constant_with_warmup" if train.lr_scheduler == "constant" and train.lr_warmup_steps else train.lr_scheduler
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=train.lr_warmup_steps * num_processes,
-                         num_training_steps=train.max_steps * num_processes)
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=train.lr_warmup_steps,
+                         num_training_steps=train.max_steps)

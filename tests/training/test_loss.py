@@ -3,7 +3,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from finetune.data.dataset import LatentSource, PromptEmbeddings, class_examples, instance_examples, plan_batch
-from finetune.data.dataset import step_generator
+from finetune.data.dataset import sample_generators
 from finetune.training.loss import diffusion_target, prior_preservation_loss
 from recipes.dreambooth_lora import denoise_step
 from finetune.config import DataConfig
@@ -61,7 +61,7 @@ def test_recipe_batch_pairs_instances_with_class_prompt_and_loss_matches_hand(ti
     plan = plan_batch(0, 2, 2, len(instance), 1, len(classes), False, False)
     spy = SpyUNet(pipe.unet)
     loss, parts = denoise_step(spy, scheduler, latents, prompts, examples, plan, len(instance), 0.25,
-                               step_generator(0, 10, 2))
+                               sample_generators(0, plan))
     noisy, timesteps, embeddings, prediction = spy.calls[0]
     assert noisy.shape[0] == 4
     # Instance samples first with their own prompts, then class samples with the class prompt.
@@ -69,10 +69,10 @@ def test_recipe_batch_pairs_instances_with_class_prompt_and_loss_matches_hand(ti
     for row, prompt in zip(embeddings, want_prompts):
         torch.testing.assert_close(row, prompts.encode([prompt])[0])
     # Rebuild the target from the same draws and compute the loss by hand.
-    g = step_generator(0, 10, 2)
-    clean = latents.sample(plan.instance + [len(instance) + c for c in plan.classes], plan.flips, plan.crops, g)
-    noise = torch.randn(clean.shape, generator=g)
-    assert torch.equal(torch.randint(0, 1000, (4,), generator=g), timesteps)
+    gens = sample_generators(0, plan)
+    clean = latents.sample(plan.instance + [len(instance) + c for c in plan.classes], plan.flips, plan.crops, gens)
+    noise = torch.cat([torch.randn((1, *clean.shape[1:]), generator=g) for g in gens])
+    assert torch.equal(torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in gens]), timesteps)
     torch.testing.assert_close(noisy, scheduler.add_noise(clean, noise, timesteps))
     sq = (prediction - noise) ** 2
     hand = sq[:2].mean() + 0.25 * sq[2:].mean()

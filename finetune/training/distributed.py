@@ -1,0 +1,96 @@
+"""Several processes through Accelerate: who generates which class image, the effective batch and its learning
+rate, and a check that every process ends with the same LoRA weights.
+
+The data order needs nothing here: plan_batch gives each process its positions in one global sample order, and
+every random draw is keyed by a sample's position, so the result does not depend on how samples are split.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+
+from ..config import TrainConfig
+from ..data.class_images import missing_class_indices
+from ..errors import FinetuneError
+from ..lora import lora_state
+
+log = logging.getLogger("finetune")
+
+
+def class_image_share(accelerator: Accelerator, folder: str | Path, wanted: int) -> tuple[list[int], list[int]]:
+    """(every missing index, this process's share of them).
+
+    The main process reads the folder and sends its list to the others, so all split the same list even when the
+    folder is on a network filesystem that shows processes different listings; shares are disjoint and cover it.
+    """
+    missing = [missing_class_indices(Path(folder), wanted) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(missing, from_process=0)
+    return missing[0], missing[0][accelerator.process_index::accelerator.num_processes]
+
+
+def report_class_images(accelerator: Accelerator, folder: str | Path, wanted: int, share: list[int]) -> None:
+    """After everyone generated: say who drew what (one line, main process); fail if the set is still short."""
+    shares = gather_object([share]) if accelerator.num_processes > 1 else [share]
+    if accelerator.is_main_process and any(shares):
+        log.info("class images generated per process: %s",
+                 "; ".join(f"process {rank}: {s}" for rank, s in enumerate(shares)))
+    left = missing_class_indices(Path(folder), wanted)
+    if left:
+        raise FinetuneError(f"data.class_dir: {folder} still lacks {len(left)} of {wanted} class images after "
+                            "generation; with several machines it must be on a filesystem all of them share "
+                            "(or generate the class images on one machine first)")
+
+
+def samples_per_step(train: TrainConfig, num_processes: int) -> int:
+    """Instance samples per optimizer step: per-device batch x processes x accumulation (as many class samples)."""
+    return train.batch_size * num_processes * train.gradient_accumulation
+
+
+def scaled_learning_rate(train: TrainConfig, num_processes: int) -> float:
+    """train.learning_rate under train.scale_lr: none (as given), linear (x samples per step, as diffusers'
+    --scale_lr) or sqrt (x its square root, gentler for Adam)."""
+    factor = samples_per_step(train, num_processes)
+    return train.learning_rate * {"none": 1.0, "linear": factor, "sqrt": math.sqrt(factor)}[train.scale_lr]
+
+
+def retarget_learning_rate(optimizer, lr_scheduler, lr: float) -> None:
+    """After a resume: put the schedule on this run's peak LR (it differs from the checkpoint's when scale_lr
+    scales by a process count that changed) at the restored step."""
+    lr_scheduler.base_lrs = [lr] * len(lr_scheduler.base_lrs)
+    for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def lora_digest(*models: torch.nn.Module) -> str:
+    """sha256 of the LoRA weights of `models` (names and exact bytes), to compare processes cheaply."""
+    return state_digest([lora_state(model) for model in models])
+
+
+def state_digest(states: list[dict[str, torch.Tensor]]) -> str:
+    """sha256 of LoRA state dicts, in order (the same states as a checkpoint's lora_i.safetensors hold)."""
+    digest = hashlib.sha256()
+    for state in states:
+        for name, tensor in sorted(state.items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas_agree(accelerator: Accelerator, *models: torch.nn.Module) -> list[str]:
+    """Every process's LoRA digest; fail loudly if data parallelism let them drift apart."""
+    digests = gather_object([lora_digest(*models)]) if accelerator.num_processes > 1 else [lora_digest(*models)]
+    if accelerator.is_main_process and accelerator.num_processes > 1:
+        log.info("LoRA weights per process (sha256): %s", " ".join(digests))
+    if len(set(digests)) > 1:
+        raise FinetuneError(f"the {len(digests)} processes ended with different LoRA weights; a trained tensor "
+                            "escaped Accelerate's gradient sync, please report this with your config")
+    return digests

@@ -1,0 +1,97 @@
+"""Two processes through `accelerate launch` (gloo on CPU) against one: class images split, LoRA replicas equal,
+2 processes x batch 1 == 1 process x batch 2, and a 2-process checkpoint resumed by 1 process."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from finetune.cli import load_recipe_config
+from finetune.training.distributed import state_digest
+from recipes import dreambooth_lora
+from tests.helpers import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+SD15 = "recipes/configs/sd15_dreambooth_lora.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` with the shipped multi-GPU config (2 processes), on CPU: ACCELERATE_USE_CPU makes
+    Accelerate take gloo instead of NCCL, and the precision falls back to fp32."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               "examples/accelerate_multi_gpu.yaml", "--mixed_precision", "no",
+               "--main_process_port", str(free_port()), *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def lora_states(checkpoint: Path) -> list[dict[str, torch.Tensor]]:
+    return [load_file(checkpoint / f"lora_{i}.safetensors") for i in range(2)]
+
+
+def assert_states_close(a, b):
+    for sa, sb in zip(a, b):
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=2e-6, msg=key)
+
+
+def test_two_processes_split_class_images_and_train_like_one_process_with_twice_the_batch(
+        tiny_sd1, photos, tmp_path, caplog):
+    class_dir = tmp_path / "class_images"
+    class_dir.mkdir()
+    some_photo = Image.open(next(photos.glob("*.jpg"))).convert("RGB").resize((64, 64))
+    some_photo.save(class_dir / "mine.png")                       # the user's own class image
+    some_photo.save(class_dir / "class-00001-0123456789ab.png")   # index 1 left by an interrupted run
+    overrides = tiny_overrides(tiny_sd1, photos, tmp_path, **{
+        "train.checkpoint_every": 2, "lora.text_encoder": "true", "data.random_flip": "true",
+        "train.lr_scheduler": "linear", "train.lr_warmup_steps": 1, "prior.generation_batch_size": 1})
+
+    # 2 processes x batch 1, through the real CLI and the shipped launch config.
+    two = launch("-m", "finetune", "train", SD15, *overrides, f"output_dir={tmp_path / 'two'}",
+                 "train.batch_size=1")
+    assert two.returncode == 0, two.stderr[-3000:]
+    # Class images: the two missing ones (indices 0 and 2: the gaps), one per process, none twice.
+    assert "class images generated per process: process 0: [0]; process 1: [2]" in two.stderr
+    names = sorted(p.name for p in class_dir.glob("*.png"))
+    assert len(names) == 4 and [n[:11] for n in names] == ["class-00000", "class-00001", "class-00002", "mine.png"]
+    assert (class_dir / names[0]).read_bytes() != (class_dir / names[2]).read_bytes()  # seeds 0 and 2 differ
+    # Every process ended with the same LoRA weights, and they are what the checkpoint holds.
+    digests = re.search(r"LoRA weights per process \(sha256\): (\w+) (\w+)", two.stderr).groups()
+    assert digests[0] == digests[1] == state_digest(lora_states(tmp_path / "two" / "checkpoints" / "step-000004"))
+    assert (tmp_path / "two" / "pytorch_lora_weights.safetensors").is_file()
+    assert "exported" in two.stderr and two.stderr.count("exported ") == 1  # the main process alone exports
+
+    # 1 process x batch 2 on the same class images: the same samples, noise and mean gradient per step.
+    _, cfg = load_recipe_config(SD15, [*overrides, f"output_dir={tmp_path / 'one'}", "train.batch_size=2"])
+    dreambooth_lora.main(cfg)
+    for step in ("step-000002", "step-000004"):
+        assert_states_close(lora_states(tmp_path / "one" / "checkpoints" / step),
+                            lora_states(tmp_path / "two" / "checkpoints" / step))
+
+    # Resume the 2-process checkpoint of step 2 with 1 process x batch 2: step, optimizer, schedule and data
+    # order carry on, so it ends where the 1-process run did.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two" / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
+    caplog.set_level(logging.INFO, logger="finetune")
+    _, cfg = load_recipe_config(SD15, [*overrides, f"output_dir={resumed}", "train.batch_size=2",
+                                       "train.resume=latest"])
+    dreambooth_lora.main(cfg)
+    assert "at step 2 (4 samples seen)" in caplog.text
+    assert_states_close(lora_states(resumed / "checkpoints" / "step-000004"),
+                        lora_states(tmp_path / "one" / "checkpoints" / "step-000004"))
