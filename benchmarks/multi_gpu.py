@@ -77,11 +77,11 @@ def worker(args) -> None:
     _, cfg = load_recipe_config(SD15_CONFIG, base + [f"output_dir={work / 'train'}",
                                                       f"train.max_steps={args.warmup + args.steps}"])
     dreambooth_lora.main(cfg)
-    summary = json.loads((work / "train" / "train_summary.json").read_text())
-    step_seconds = 1 / summary["steady_it_per_s"]
     if accelerator.num_processes != args.worker:
         raise RuntimeError(f"launched {args.worker} processes but Accelerate sees {accelerator.num_processes}")
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # only the main process writes the run summary
+        summary = json.loads((work / "train" / "train_summary.json").read_text())
+        step_seconds = 1 / summary["steady_it_per_s"]
         n = accelerator.num_processes
         Path(args.result).write_text(json.dumps({
             "processes": n, "class_images": args.class_images, "class_seconds": round(class_seconds, 3),
