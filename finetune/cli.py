@@ -32,8 +32,10 @@ def load_recipe_config(path: str | None, overrides: list[str], recipe: str | Non
 
 
 def cmd_train(args) -> None:
+    from .training.interrupt import catch_stop_signals
     module, cfg = load_recipe_config(args.config, args.overrides)
-    module.main(cfg)
+    with catch_stop_signals():  # SIGINT/SIGTERM save a checkpoint, then exit 130/143
+        module.main(cfg)
 
 
 def cmd_show_config(args) -> None:
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except FinetuneError as exc:
         print(f"finetune: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130

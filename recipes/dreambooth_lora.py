@@ -18,18 +18,21 @@ from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from finetune.config import DataConfig, LoraConfig, ModelConfig, PriorConfig, TrainConfig, option, to_dict
-from finetune.data.class_images import count_images, generate_class_images
+from finetune.data.class_images import generate_class_images, missing_indices
 from finetune.data.dataset import (LatentSource, PromptEmbeddings, class_examples, instance_examples, plan_batch,
                                    step_generator)
+from finetune.data.screening import screen_photos
 from finetune.errors import FinetuneError
 from finetune.export.diffusers_format import save_diffusers_lora
 from finetune.lora import add_text_encoder_lora, add_unet_lora, keep_lora_fp32, lora_parameters
 from finetune.models import freeze, load_pipeline, training_scheduler
 from finetune.training.accelerator import flat_hparams, make_accelerator, weight_dtype
-from finetune.training.checkpoint import (checkpoint_dirs, find_checkpoint, load_checkpoint,
-                                          register_lora_only_saving, save_checkpoint)
+from finetune.training.checkpoint import load_checkpoint, register_lora_only_saving, save_checkpoint
+from finetune.training.guard import NonFiniteGuard
+from finetune.training.interrupt import graceful_stop
 from finetune.training.loss import add_noise, diffusion_target, prior_preservation_loss
 from finetune.training.optim import build_lr_scheduler, build_optimizer
+from finetune.training.run_dir import prepare_output_dir
 
 log = logging.getLogger("finetune")
 NOISE_STREAM = 10
@@ -57,8 +60,8 @@ def main(cfg: Config) -> Result:
     accelerator = make_accelerator(cfg.train, cfg.output_dir, "dreambooth_lora")
     device, dtype, train = accelerator.device, weight_dtype(accelerator), cfg.train
     set_seed(train.seed)
-    resume_from = check_output_dir(cfg)
-    instance = instance_examples(cfg.data)
+    resume_from = prepare_output_dir(cfg.output_dir, train.resume, train.overwrite, accelerator.is_main_process)
+    instance, photo_report = screen_photos(instance_examples(cfg.data), train.resolution, cfg.data.on_bad_image)
     pipe = load_pipeline(cfg.model)
 
     # 1. Prior preservation: class images drawn by the base model, before any LoRA touches it.
@@ -112,7 +115,10 @@ def main(cfg: Config) -> Result:
                                    {"text_encoder": accelerator.unwrap_model(text_encoder)}
                                    if cfg.lora.text_encoder else {}, export_info(cfg, noise_scheduler, steps))
 
-    # 5. The loop: noise instance + class latents, predict, prior-preservation loss, step.
+    # 5. The loop: noise instance + class latents, predict, prior-preservation loss, step (skipped if NaN/Inf).
+    guard = NonFiniteGuard(accelerator, train.max_bad_steps, train.learning_rate,
+                           str(Path(cfg.output_dir) / "checkpoints"))
+    stop = graceful_stop(accelerator)  # SIGINT/SIGTERM: finish the step, save, exit
     bar = tqdm(range(start, train.max_steps), initial=start, total=train.max_steps, desc="training",
                disable=not accelerator.is_local_main_process)
     for step in bar:
@@ -127,16 +133,23 @@ def main(cfg: Config) -> Result:
                 loss, parts = denoise_step(unet, noise_scheduler, latents, prompts, examples, plan, len(instance),
                                            cfg.prior.loss_weight, noise_rng)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, train.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                guard.watch(loss)
+                if accelerator.sync_gradients:
+                    if guard.clip_and_check(params, train.max_grad_norm):
+                        optimizer.step()
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+        guard.record(step + 1)
         if (step + 1) % train.log_every == 0 or step + 1 == train.max_steps:
-            logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], **{k: v.item() for k, v in parts.items()}}
+            logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], **{k: v.item() for k, v in parts.items()},
+                    "skipped_steps": guard.skipped}
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=step + 1)
-        if train.checkpoint_every and (step + 1) % train.checkpoint_every == 0 and step + 1 < train.max_steps:
+        if stop.requested():
+            raise stop.stop(save_checkpoint(accelerator, cfg.output_dir, step + 1, train.keep_checkpoints,
+                                            lambda folder: export(folder, step + 1)), step + 1)
+        if train.checkpoint_every and (step + 1) % train.checkpoint_every == 0 and step + 1 < train.max_steps \
+                and guard.healthy:
             save_checkpoint(accelerator, cfg.output_dir, step + 1, train.keep_checkpoints,
                             lambda folder: export(folder, step + 1))
 
@@ -147,6 +160,8 @@ def main(cfg: Config) -> Result:
     if accelerator.is_main_process:
         final = export(Path(cfg.output_dir), train.max_steps)
         log.info("exported %s", final)
+        log.info("summary: %d steps, %d skipped (NaN/Inf); %s", train.max_steps - start, guard.skipped,
+                 photo_report.summary())
     accelerator.end_training()
     return Result(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), final, train.max_steps)
 
@@ -170,9 +185,8 @@ def ensure_class_images(accelerator, pipe, cfg: Config) -> None:
                             "folder for class images, or set prior.num_class_images=0")
     if not cfg.data.class_prompt.strip():
         raise FinetuneError("data.class_prompt is empty; describe the class, e.g. 'a photo of a dog'")
-    have = count_images(Path(cfg.data.class_dir))
+    missing = missing_indices(Path(cfg.data.class_dir), cfg.prior.num_class_images)
     accelerator.wait_for_everyone()
-    missing = range(have, cfg.prior.num_class_images)
     if len(missing):
         dtype = torch.float16 if accelerator.device.type == "cuda" else torch.float32
         pipe.to(accelerator.device, dtype)
@@ -180,15 +194,6 @@ def ensure_class_images(accelerator, pipe, cfg: Config) -> None:
         generate_class_images(pipe, cfg.data.class_dir, cfg.data.class_prompt, cfg.prior, cfg.train.resolution,
                               cfg.train.seed, accelerator.device, share)
     accelerator.wait_for_everyone()
-
-
-def check_output_dir(cfg: Config) -> Path | None:
-    """The checkpoint to resume from; refuse to mix a new run into a folder that holds an earlier one."""
-    resume_from = find_checkpoint(cfg.output_dir, cfg.train.resume)
-    if resume_from is None and checkpoint_dirs(cfg.output_dir):
-        raise FinetuneError(f"output_dir {cfg.output_dir} holds checkpoints of an earlier run; pass "
-                            "train.resume=latest to continue it, or choose another output_dir")
-    return resume_from
 
 
 def export_info(cfg: Config, noise_scheduler, steps: int) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -16,6 +17,19 @@ from .images import IMAGE_SUFFIXES
 
 def count_images(folder: Path) -> int:
     return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
+
+
+GENERATED = re.compile(r"^class-(\d{5})-[0-9a-f]{12}\.png$")
+
+
+def missing_indices(folder: Path, count: int) -> list[int]:
+    """Indices below `count` still to generate: a run stopped part-way (any subset written) ends with the same set.
+
+    Generated images are named by their index; other images in the folder (the user's own) fill slots too.
+    """
+    paths = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else []
+    present = {int(m.group(1)) for m in map(GENERATED.match, (p.name for p in paths)) if m}
+    return [i for i in range(count) if i not in present][:max(0, count - len(paths))]
 
 
 def write_png_atomically(image, folder: Path, index: int) -> Path:
@@ -40,8 +54,7 @@ def generate_class_images(pipe, folder: str | Path, prompt: str, prior: PriorCon
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    have = count_images(folder)
-    todo = list(indices) if indices is not None else list(range(have, prior.num_class_images))
+    todo = list(indices) if indices is not None else missing_indices(folder, prior.num_class_images)
     if not todo:
         return 0
     set_scheduler(pipe, prior.generation_scheduler)
