@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 from .errors import FinetuneError
 
 DEFAULT_RECIPE = "dreambooth_lora"
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def recipe_module(name: str):
@@ -134,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     except FinetuneError as exc:
         print(f"finetune: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        # A full disk or a read-only folder mid-run: every file is written under a temporary name and renamed,
+        # so what was written before (checkpoints, the previous export) is intact.
+        print(f"finetune: error: {exc.filename or 'writing'}: {exc.strerror}; earlier files are intact: free disk "
+              "space or fix permissions, then run again (train.resume=latest continues training)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130
