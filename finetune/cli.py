@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 from .errors import FinetuneError
 
 DEFAULT_RECIPE = "dreambooth_lora"
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def recipe_module(name: str):
@@ -32,8 +34,10 @@ def load_recipe_config(path: str | None, overrides: list[str], recipe: str | Non
 
 
 def cmd_train(args) -> None:
+    from .training.interrupt import catch_stop_signals
     module, cfg = load_recipe_config(args.config, args.overrides)
-    module.main(cfg)
+    with catch_stop_signals():  # SIGINT/SIGTERM save a checkpoint, then exit 130/143
+        module.main(cfg)
 
 
 def cmd_show_config(args) -> None:
@@ -158,6 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except FinetuneError as exc:
         print(f"finetune: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        # A full disk or a read-only folder mid-run: every file is written under a temporary name and renamed,
+        # so what was written before (checkpoints, the previous export) is intact.
+        print(f"finetune: error: {exc.filename or 'writing'}: {exc.strerror}; earlier files are intact: free disk "
+              "space or fix permissions, then run again (train.resume=latest continues training)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)

@@ -165,6 +165,8 @@ class ModelConfig:
     variant: str | None = option(None, "weight variant to load from the Hub, e.g. fp16")
     single_file_config: str | None = option(None, "for a single-file checkpoint: Hub id or folder holding its "
                                                   "diffusers configs (default: inferred by diffusers)")
+    allow_pickle: bool = option(False, "also load pickle weights (.ckpt/.bin/.pt), which can run code: only for "
+                                       "files you trust")
 
 
 @dataclasses.dataclass
@@ -177,6 +179,8 @@ class DataConfig:
     center_crop: bool = option(True, "center crop (true) or random crop (false) after resizing the short side")
     random_flip: bool = option(False, "flip photos horizontally at random")
     repeats: int = option(1, "how many times each instance photo appears per epoch")
+    on_bad_image: Literal["error", "skip"] = option("error", "an unreadable photo or one with an extreme aspect "
+                                                             "ratio: stop with an error, or skip it with a warning")
 
     def __post_init__(self):
         check(self.repeats >= 1, "data.repeats", "must be at least 1")
@@ -250,9 +254,13 @@ class TrainConfig:
     keep_checkpoints: int = option(3, "keep the newest K checkpoints")
     resume: str | None = option(None, "resume from `latest` or a checkpoint folder")
     log_every: int = option(10, "steps between loss/LR updates of the progress bar and TensorBoard")
+    max_bad_steps: int = option(10, "stop after this many steps in a row with a NaN/Inf loss or gradient "
+                                    "(each is skipped)")
+    overwrite: bool = option(False, "start afresh in an output_dir holding a finished run or checkpoints "
+                                    "(deletes its checkpoints; the export is replaced at the end)")
 
     def __post_init__(self):
-        for key in ("max_steps", "batch_size", "gradient_accumulation", "resolution", "log_every"):
+        for key in ("max_steps", "batch_size", "gradient_accumulation", "resolution", "log_every", "max_bad_steps"):
             check(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
         for key in ("lr_warmup_steps", "checkpoint_every", "seed"):
             check(getattr(self, key) >= 0, f"train.{key}", "must be 0 or more")

@@ -15,18 +15,27 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
-def describe_source(pretrained: str) -> str:
-    """'file', 'folder' or 'hub': how `pretrained` will be read, or a FinetuneError if it cannot be."""
+def describe_source(pretrained: str, allow_pickle: bool = False) -> str:
+    """'file', 'folder' or 'hub': how `pretrained` will be read, or a FinetuneError if it cannot be.
+
+    Pickle weights (.ckpt, .bin, .pt) can run code when loaded: refused unless `allow_pickle` opts in.
+    """
     path = Path(pretrained).expanduser()
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise FinetuneError(f"model.pretrained: {pretrained} is a pickle file, which can run code when loaded; "
-                            "convert it to .safetensors first")
-    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+                            "convert it to .safetensors first (or, for a file you trust, model.allow_pickle=true)")
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle else ()):
         return "file"
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FinetuneError(f"model.pretrained: {pretrained} is a folder without model_index.json; point it at "
                                 "a diffusers pipeline folder (save_pretrained output) or a .safetensors file")
+        pickled = [d for d in sorted(path.iterdir()) if d.is_dir() and not any(d.glob("*.safetensors"))
+                   and any(f.suffix.lower() in PICKLE_SUFFIXES for f in d.iterdir())]
+        if pickled and not allow_pickle:
+            raise FinetuneError(f"model.pretrained: {pickled[0]} has only pickle weights, which can run code when "
+                                "loaded; convert the folder to .safetensors (or, if you trust it, "
+                                "model.allow_pickle=true)")
         return "folder"
     looks_local = pretrained.startswith((".", "/", "~")) or path.suffix.lower() in SINGLE_FILE_SUFFIXES
     if looks_local or not HUB_ID.match(pretrained):
@@ -38,7 +47,7 @@ def describe_source(pretrained: str) -> str:
 def load_pipeline(model: ModelConfig, pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline,
                   dtype: torch.dtype = torch.float32, **extra) -> DiffusionPipeline:
     """Load `pipeline_class` from wherever `model.pretrained` points, with a one-line error if it can't."""
-    source = describe_source(model.pretrained)
+    source = describe_source(model.pretrained, model.allow_pickle)
     if pipeline_class is StableDiffusionPipeline:
         extra = {"safety_checker": None, "requires_safety_checker": False, **extra}
     try:
@@ -46,7 +55,8 @@ def load_pipeline(model: ModelConfig, pipeline_class: type[DiffusionPipeline] = 
             return pipeline_class.from_single_file(model.pretrained, config=model.single_file_config,
                                                    dtype=dtype, **extra)
         return pipeline_class.from_pretrained(model.pretrained, revision=model.revision, variant=model.variant,
-                                              dtype=dtype, use_safetensors=True, **extra)
+                                              dtype=dtype, use_safetensors=None if model.allow_pickle else True,
+                                              **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         where = "the Hub (are you online and is the id right?)" if source == "hub" else "disk"

@@ -22,6 +22,7 @@ from finetune.config import (DataConfig, ExportConfig, LoraConfig, ModelConfig, 
 from finetune.data.class_images import generate_class_images
 from finetune.data.dataset import (LatentSource, PromptEmbeddings, cache_keys, class_examples, instance_examples,
                                    plan_batch, sample_generators)
+from finetune.data.screening import screen_photos
 from finetune.errors import FinetuneError
 from finetune.export.diffusers_format import save_diffusers_lora
 from finetune.export.lora_weights import load_into_models, read_lora
@@ -30,12 +31,14 @@ from finetune.export.publish import publish
 from finetune.lora import add_text_encoder_lora, add_unet_lora, keep_lora_fp32, lora_parameters
 from finetune.models import freeze, load_pipeline, training_scheduler
 from finetune.training.accelerator import flat_hparams, make_accelerator, weight_dtype
-from finetune.training.checkpoint import (checkpoint_dirs, find_checkpoint, load_checkpoint, read_progress,
-                                          register_lora_only_saving, save_checkpoint)
+from finetune.training.checkpoint import load_checkpoint, read_progress, register_lora_only_saving, save_checkpoint
 from finetune.training.distributed import (check_replicas_agree, class_image_share, report_class_images,
                                            retarget_learning_rate, samples_per_step, scaled_learning_rate)
+from finetune.training.guard import NonFiniteGuard
+from finetune.training.interrupt import graceful_stop
 from finetune.training.loss import add_noise, diffusion_target, prior_preservation_loss
 from finetune.training.optim import build_lr_scheduler, build_optimizer
+from finetune.training.run_dir import prepare_output_dir
 from finetune.training.summary import StepClock, optimizer_state_summary, write_summary
 
 log = logging.getLogger("finetune")
@@ -64,9 +67,9 @@ def main(cfg: Config) -> Result:
     accelerator = make_accelerator(cfg.train, cfg.output_dir, "dreambooth_lora")
     device, dtype, train = accelerator.device, weight_dtype(accelerator), cfg.train
     set_seed(train.seed)
-    resume_from = check_output_dir(cfg)
+    resume_from = prepare_output_dir(cfg.output_dir, train.resume, train.overwrite, accelerator.is_main_process)
     start, seen = resume_point(resume_from, samples_per_step(train, accelerator.num_processes))
-    instance = instance_examples(cfg.data)
+    instance, photo_report = screen_photos(instance_examples(cfg.data), train.resolution, cfg.data.on_bad_image)
     pipe = load_pipeline(cfg.model)
 
     # 1. Prior preservation: class images drawn by the base model, before any LoRA touches it.
@@ -132,7 +135,10 @@ def main(cfg: Config) -> Result:
                                    {"text_encoder": accelerator.unwrap_model(text_encoder)}
                                    if cfg.lora.text_encoder else {}, export_info(cfg, pipe, instance, steps))
 
-    # 5. The loop: noise instance + class latents, predict, prior-preservation loss, step.
+    # 5. The loop: noise instance + class latents, predict, prior-preservation loss, step (skipped if NaN/Inf).
+    guard = NonFiniteGuard(accelerator, train.max_bad_steps, train.learning_rate,
+                           str(Path(cfg.output_dir) / "checkpoints"))
+    stop = graceful_stop(accelerator)  # SIGINT/SIGTERM: finish the step, save, exit
     bar = tqdm(range(start, train.max_steps), initial=start, total=train.max_steps, desc="training",
                disable=not accelerator.is_local_main_process)
     clock = StepClock(device, train.max_steps - start)
@@ -147,19 +153,26 @@ def main(cfg: Config) -> Result:
                 loss, parts = denoise_step(unet, noise_scheduler, latents, prompts, examples, plan, len(instance),
                                            cfg.prior.loss_weight, sample_generators(train.seed, plan, device))
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, train.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                guard.watch(loss)
+                if accelerator.sync_gradients:
+                    if guard.clip_and_check(params, train.max_grad_norm):
+                        optimizer.step()
+                        if not accelerator.optimizer_step_was_skipped:
+                            lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
         clock.step_done()
+        guard.record(step + 1)
         if (step + 1) % train.log_every == 0 or step + 1 == train.max_steps:
             means = accelerator.reduce(torch.stack([loss.detach(), *parts.values()]), "mean").tolist()
-            logs = {"loss": means[0], "lr": lr_scheduler.get_last_lr()[0], **dict(zip(parts, means[1:]))}
+            logs = {"loss": means[0], "lr": lr_scheduler.get_last_lr()[0], **dict(zip(parts, means[1:])),
+                    "skipped_steps": guard.skipped}
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=step + 1)
-        if train.checkpoint_every and (step + 1) % train.checkpoint_every == 0 and step + 1 < train.max_steps:
+        if stop.requested():
+            raise stop.stop(save_checkpoint(accelerator, cfg.output_dir, step + 1, train.keep_checkpoints,
+                                            lambda folder: export(folder, step + 1), progress(step + 1)), step + 1)
+        if train.checkpoint_every and (step + 1) % train.checkpoint_every == 0 and step + 1 < train.max_steps \
+                and guard.healthy:
             save_checkpoint(accelerator, cfg.output_dir, step + 1, train.keep_checkpoints,
                             lambda folder: export(folder, step + 1), progress(step + 1))
 
@@ -178,6 +191,8 @@ def main(cfg: Config) -> Result:
         if cfg.lora.text_encoder:
             lora_models["text_encoder"] = accelerator.unwrap_model(text_encoder)
         publish(cfg.output_dir, cfg.export, lora_models, export_info(cfg, pipe, instance, train.max_steps))
+        log.info("summary: %d steps, %d skipped (NaN/Inf); %s", train.max_steps - start, guard.skipped,
+                 photo_report.summary())
     accelerator.end_training()
     return Result(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), final, train.max_steps)
 
@@ -219,15 +234,6 @@ def resume_point(checkpoint: Path | None, samples_per_step: int) -> tuple[int, i
         return 0, 0
     progress = read_progress(checkpoint)
     return progress["step"], progress.get("samples", progress["step"] * samples_per_step)
-
-
-def check_output_dir(cfg: Config) -> Path | None:
-    """The checkpoint to resume from; refuse to mix a new run into a folder that holds an earlier one."""
-    resume_from = find_checkpoint(cfg.output_dir, cfg.train.resume)
-    if resume_from is None and checkpoint_dirs(cfg.output_dir):
-        raise FinetuneError(f"output_dir {cfg.output_dir} holds checkpoints of an earlier run; pass "
-                            "train.resume=latest to continue it, or choose another output_dir")
-    return resume_from
 
 
 def export_info(cfg: Config, pipe, instance, steps: int) -> dict:

@@ -26,10 +26,8 @@ class Example:
 def instance_examples(data: DataConfig) -> list[Example]:
     """Every photo of the subject, captioned by its caption file or else by the instance prompt."""
     paths = list_images(data.instance_dir, "data.instance_dir")
-    examples = [Example(p, read_caption(p, data.caption_extension) or data.instance_prompt) for p in paths]
-    for example in examples:  # fail now, not 300 steps in
-        open_rgb(example.path)
-    return examples
+    # Decoding every photo up front (fail now, not 300 steps in) is data.screening's job.
+    return [Example(p, read_caption(p, data.caption_extension) or data.instance_prompt) for p in paths]
 
 
 def class_examples(class_dir: str, prompt: str, count: int) -> list[Example]:

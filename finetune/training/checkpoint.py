@@ -50,25 +50,60 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     """Write checkpoints/step-N under a temporary name and rename it, so a crash never leaves half a checkpoint.
 
     `extra_files(folder)` may add files (the export) before the rename; `progress` adds to the step in
-    progress.json (e.g. samples seen). Then only the newest `keep` remain.
+    progress.json (e.g. samples seen). Only once the new checkpoint is complete
+    are older ones beyond the newest `keep` deleted, so the last good checkpoint always survives a failed save.
+    A failed write (full disk, permissions) is a one-line error that says the previous checkpoints are intact.
     """
     final = Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
     tmp = final.with_name(f".{final.name}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        if extra_files is not None:
-            extra_files(tmp)
-        (tmp / PROGRESS).write_text(json.dumps({"step": step, **(progress or {})}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            if extra_files is not None:
+                extra_files(tmp)
+            (tmp / PROGRESS).write_text(json.dumps({"step": step, **(progress or {})}))
+            _replace_dir(tmp, final)
+            for old in checkpoint_dirs(output_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise FinetuneError(f"{final}: could not write the checkpoint ({exc.strerror or exc}); the previous "
+                            "checkpoints and export are intact: free disk space or fix permissions, then resume "
+                            "with train.resume=latest") from None
     accelerator.wait_for_everyone()
     return final
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Put folder `new` at `final`; an existing `final` is moved aside first, and restored if we die in between."""
+    aside = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    os.replace(new, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def clean_partial_saves(output_dir: str | Path) -> list[Path]:
+    """Remove what a killed save left behind (.step-N.tmp, export scratch folders); restore a moved-aside step."""
+    root = Path(output_dir)
+    removed = []
+    for folder in (root / CHECKPOINTS).glob(".step-*.old") if (root / CHECKPOINTS).is_dir() else []:
+        final = folder.with_name(folder.name[1:-len(".old")])
+        if not final.exists() and (folder / PROGRESS).is_file():
+            os.replace(folder, final)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    leftovers = list((root / CHECKPOINTS).glob(".step-*.tmp")) + list(root.glob(".export-*")) + \
+        list((root / CHECKPOINTS).glob("step-*/.export-*"))
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def find_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
