@@ -15,9 +15,6 @@ from ..inference import set_scheduler
 from .images import IMAGE_SUFFIXES
 
 
-def count_images(folder: Path) -> int:
-    return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
-
 
 GENERATED = re.compile(r"class-(\d{5,})-[0-9a-f]{12}\.png")
 

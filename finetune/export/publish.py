@@ -14,7 +14,7 @@ from .model_card import write_model_card
 log = logging.getLogger("finetune")
 
 
-def kohya_name(output_dir: str | Path) -> str:
+def kohya_file_name(output_dir: str | Path) -> str:
     """The UIs show the file name as the LoRA's name (<lora:NAME:1>): name it after the run."""
     return f"{Path(output_dir).resolve().name}.safetensors"
 
@@ -30,7 +30,7 @@ def publish(output_dir: str | Path, export: ExportConfig, models: dict, info: di
     output_dir = Path(output_dir)
     written, kohya_file = [output_dir / WEIGHT_NAME], None
     if export.kohya:
-        kohya_file = kohya_name(output_dir)
+        kohya_file = kohya_file_name(output_dir)
         written.append(export_kohya(weights_from_models(models, {"finetune.family": info.get("family", "")}),
                                     output_dir / kohya_file, info, export.kohya_precision))
         log.info("exported %s (kohya format)", written[-1])
