@@ -1,10 +1,13 @@
 """finetune vs the peer (diffusers' DreamBooth-LoRA script) on one GPU: same model, images and settings.
 
-    python benchmarks/bench.py --arch sd15 --steps 300 --peer-dir .bench/reference --out results.json
+    python benchmarks/bench.py --arch sd15 --steps 150 --ours custom,fast,low_memory --e2e-steps 500 \
+        --peer default,checkpointing --peer-dir .bench/reference --out results.json
 
 Builds a random-weight model of the real architecture, 5 instance photos and 100 class images (once, shared by
 both), then runs each of our variants and the peer's as separate processes, sampling nvidia-smi for the peak.
-Prints a markdown row per figure for BENCHMARKS.md and writes everything as JSON.
+This process never touches the GPU itself, so nvidia-smi's reading is the run's alone. With --e2e-steps, one more
+run of ours (train.mode=fast) starts from an empty class folder and is timed from process start to the exported
+file. Prints a markdown row per figure for BENCHMARKS.md and writes everything as JSON.
 """
 from __future__ import annotations
 
@@ -27,8 +30,13 @@ RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 64}
 TINY_OVERRIDES = ["train.mixed_precision=no", "train.optimizer=adamw", "train.resolution=64", "prior.num_class_images=8"]
 NUM_CLASS = {"sd15": 100, "sdxl": 100, "tiny": 8}
 # Our variants: name -> overrides on top of the shipped config. The peer's: name -> extra flags.
-OURS = {"default": []}
-PEER = {"default": ["--use_8bit_adam"]}
+# The peer puts LoRA on every attention projection (self and cross): ours does the same here, for the same job.
+SAME_JOB = ["lora.unet_targets=all_attention"]
+# custom: fp16 under autocast, 8-bit AdamW, eager (the settings before train.mode existed, and the peer's).
+OURS = {"custom": [*SAME_JOB, "train.mode=custom"], "fast": [*SAME_JOB, "train.mode=fast"],
+        "low_memory": [*SAME_JOB, "train.mode=low_memory"],
+        "fast_checkpointing": [*SAME_JOB, "train.mode=fast", "train.gradient_checkpointing=true"]}
+PEER = {"default": ["--use_8bit_adam"], "checkpointing": ["--use_8bit_adam", "--gradient_checkpointing"]}
 
 
 class GpuMemorySampler:
@@ -77,7 +85,13 @@ def prepare(arch: str, work: Path) -> dict:
         prepare_photos(photos)
         (photos / "cat_3.txt").unlink()  # the peer reads no caption files; keep the job identical
     classes = work / f"class-{arch}"
-    timing = generate_classes(arch, model, classes) if len(list(classes.glob("*.png"))) < NUM_CLASS[arch] else {}
+    timing = {}
+    if len(list(classes.glob("*.png"))) < NUM_CLASS[arch]:  # in a child process: this one holds no GPU memory
+        proc = subprocess.run([sys.executable, __file__, "--classes-only", "--arch", arch, "--work", str(work)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"class image generation failed:\n{proc.stderr[-3000:]}")
+        timing = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"model": model, "photos": photos, "classes": classes, **timing}
 
 
@@ -109,7 +123,7 @@ def generate_classes(arch: str, model: Path, folder: Path) -> dict:
 
 def run_ours(arch: str, data: dict, steps: int, name: str, overrides: list[str], work: Path) -> dict:
     out = work / f"ours-{arch}-{name}"
-    subprocess.run(["rm", "-rf", str(out)], check=True)
+    subprocess.run(["rm", "-rf", str(out), str(work / f"class-{arch}-{name}")], check=True)
     precision = "no" if arch == "tiny" else "fp16"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "finetune", "train", CONFIGS[arch],
@@ -127,7 +141,16 @@ def run_ours(arch: str, data: dict, steps: int, name: str, overrides: list[str],
     summary = json.loads((out / "train_summary.json").read_text())
     return {"who": "finetune", "variant": name, "rc": 0, "it_per_s": summary["steady_it_per_s"],
             "peak_gpu_mib": memory.peak, "torch_reserved_mib": summary.get("peak_reserved_mib"),
+            "cuda_graphs": summary.get("cuda_graphs"), "optimizer": summary.get("optimizer"), "steps": steps,
             "wall_s": round(wall, 1), "command": "accelerate launch " + " ".join(shlex.quote(c) for c in cmd[3:])}
+
+
+def run_end_to_end(arch: str, data: dict, steps: int, work: Path) -> dict:
+    """The whole standard job from an empty class folder: generate, train, export; timed from process start."""
+    fresh = work / f"class-{arch}-e2e"
+    result = run_ours(arch, {**data, "classes": fresh}, steps, "e2e", [*SAME_JOB, "train.mode=fast"], work)
+    result["class_images_made"] = len(list(fresh.glob("*.png")))
+    return result
 
 
 def run_peer(arch: str, data: dict, steps: int, name: str, flags: list[str], peer_dir: Path) -> dict:
@@ -152,7 +175,17 @@ def versions() -> dict:
         bnb = None
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
             "transformers": transformers.__version__, "accelerate": accelerate.__version__, "bitsandbytes": bnb,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+            "gpu": gpu_name()}
+
+
+def gpu_name() -> str:
+    """From nvidia-smi, not torch: a CUDA context in this process would add to every memory reading."""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True).stdout.split("\n")
+    except FileNotFoundError:
+        return "cpu"
+    return names[0].strip() or "cpu"
 
 
 def markdown_rows(arch: str, results: list[dict], meta: dict) -> list[str]:
@@ -173,28 +206,39 @@ def markdown_rows(arch: str, results: list[dict], meta: dict) -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", choices=CONFIGS, default="sd15")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--work", default="/tmp/finetune-bench")
     parser.add_argument("--peer-dir", default=None, help="folder with run_peer.sh and the peer scripts")
-    parser.add_argument("--ours", default=",".join(OURS), help="comma-separated variants of ours to run")
+    parser.add_argument("--ours", default="fast", help=f"comma-separated variants of ours: {', '.join(OURS)}")
+    parser.add_argument("--peer", default="default", help=f"comma-separated variants of the peer: {', '.join(PEER)}")
+    parser.add_argument("--e2e-steps", type=int, default=0, help="also time the whole job (fast mode) at this many "
+                                                                   "steps from an empty class folder")
+    parser.add_argument("--classes-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.classes_only:
+        print(json.dumps(generate_classes(args.arch, work / f"model-{args.arch}", work / f"class-{args.arch}")))
+        return
     meta = {"date": time.strftime("%Y-%m-%d"), **versions()}
     data = prepare(args.arch, work)
-    results = []
-    for name in args.ours.split(","):
-        results.append(run_ours(args.arch, data, args.steps, name, OURS[name], work))
-        print(json.dumps(results[-1]), flush=True)
-    if args.peer_dir:
-        for name, flags in PEER.items():
-            results.append(run_peer(args.arch, data, args.steps, name, flags, Path(args.peer_dir)))
-            print(json.dumps(results[-1]), flush=True)
     report = {"meta": meta, "arch": args.arch, "steps": args.steps,
-              **{k: v for k, v in data.items() if k.startswith("class_images")}, "results": results}
-    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
-    print("\n".join(markdown_rows(args.arch, results, meta)))
+              **{k: v for k, v in data.items() if k.startswith("class_images")}, "results": []}
+
+    def record(result: dict) -> None:  # written after every run: a run cut short keeps the figures before it
+        report["results"].append(result)
+        print(json.dumps(result), flush=True)
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+
+    for name in filter(None, args.ours.split(",")):
+        record(run_ours(args.arch, data, args.steps, name, OURS[name], work))
+    if args.e2e_steps:
+        record(run_end_to_end(args.arch, data, args.e2e_steps, work))
+    if args.peer_dir:
+        for name in filter(None, args.peer.split(",")):
+            record(run_peer(args.arch, data, args.steps, name, PEER[name], Path(args.peer_dir)))
+    print("\n".join(markdown_rows(args.arch, report["results"], meta)))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def load_recipe_config(path: str | None, overrides: list[str], recipe: str | Non
     name = recipe or data.pop("recipe", DEFAULT_RECIPE)
     data.pop("recipe", None)
     module = recipe_module(name)
-    return module, config_lib.build(module.Config, config_lib.apply_overrides(data, overrides))
+    return module, config_lib.build(module.Config, config_lib.with_mode(config_lib.apply_overrides(data, overrides)))
 
 
 def cmd_train(args) -> None:

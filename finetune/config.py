@@ -78,7 +78,34 @@ def load(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
     """
     data = read_yaml(path) if path else {}
     data.pop("recipe", None)
-    return build(cls, apply_overrides(data, list(overrides)))
+    return build(cls, with_mode(apply_overrides(data, list(overrides))))
+
+
+# What train.mode sets; any of these keys set in the YAML or on the command line wins over the mode. Figures behind
+# each choice are in BENCHMARKS.md.
+MODES = {
+    "custom": {},
+    # Small batches are bound by kernel launches, not arithmetic: graphs remove the launches, bf16 without autocast
+    # removes the per-op casts, fused AdamW steps every LoRA tensor in one kernel.
+    "fast": {"train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "optimizer": "adamw"},
+             "prior": {"generation_batch_size": 16}},  # the same class images (seeded per index), in fewer batches
+    # Activations recomputed instead of stored, the frozen U-Net in 4 bits, 8-bit optimizer state.
+    "low_memory": {"model": {"quantize_unet": "nf4"},
+                   "train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True,
+                             "gradient_checkpointing": True, "optimizer": "adamw8bit"}},
+}
+
+
+def with_mode(data: dict) -> dict:
+    """The config dict with train.mode's presets filled in under the keys given explicitly."""
+    mode = (data.get("train") or {}).get("mode", "custom") if isinstance(data.get("train"), dict) else "custom"
+    if mode not in MODES:
+        raise ConfigError(f"train.mode: {mode!r} is not one of {', '.join(MODES)}")
+    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
+    for section, preset in MODES[mode].items():
+        if isinstance(merged.get(section, {}), dict):
+            merged[section] = {**preset, **merged.get(section, {})}
+    return merged
 
 
 def to_dict(cfg: Any) -> dict:
@@ -167,6 +194,9 @@ class ModelConfig:
                                                   "diffusers configs (default: inferred by diffusers)")
     allow_pickle: bool = option(False, "also load pickle weights (.ckpt/.bin/.pt), which can run code: only for "
                                        "files you trust")
+    quantize_unet: Literal["none", "nf4"] = option(
+        "none", "store the frozen U-Net's linear layers in 4-bit NF4 (bitsandbytes, CUDA; diffusers folder or Hub "
+                "id): far less GPU memory, slower steps")
 
 
 @dataclasses.dataclass
@@ -258,6 +288,12 @@ class TrainConfig:
                                     "(each is skipped)")
     overwrite: bool = option(False, "start afresh in an output_dir holding a finished run or checkpoints "
                                     "(deletes its checkpoints; the export is replaced at the end)")
+    mode: Literal["custom", "fast", "low_memory"] = option(
+        "custom", "preset of the speed/memory switches (see README, Speed and memory); keys you set win over it")
+    autocast: bool = option(True, "run the U-Net under autocast; false runs it in the frozen weights' precision "
+                                  "with fp32 LoRA (fewer casts, faster)")
+    cuda_graphs: bool = option(False, "replay the U-Net's forward and backward as CUDA graphs, one per batch shape "
+                                      "(needs autocast false; one GPU)")
 
     def __post_init__(self):
         for key in ("max_steps", "batch_size", "gradient_accumulation", "resolution", "log_every", "max_bad_steps"):
@@ -267,3 +303,5 @@ class TrainConfig:
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
         check(self.learning_rate > 0, "train.learning_rate", "must be positive")
         check(self.resolution % 8 == 0, "train.resolution", "must be a multiple of 8")
+        check(not (self.cuda_graphs and self.autocast), "train.cuda_graphs",
+              "needs train.autocast=false (autocast's weight cache cannot be replayed by a graph)")

@@ -45,11 +45,17 @@ def describe_source(pretrained: str, allow_pickle: bool = False) -> str:
 
 
 def load_pipeline(model: ModelConfig, pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline,
-                  dtype: torch.dtype = torch.float32, **extra) -> DiffusionPipeline:
-    """Load `pipeline_class` from wherever `model.pretrained` points, with a one-line error if it can't."""
+                  dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.bfloat16,
+                  **extra) -> DiffusionPipeline:
+    """Load `pipeline_class` from wherever `model.pretrained` points, with a one-line error if it can't.
+
+    With model.quantize_unet=nf4 the U-Net comes in 4 bits on the GPU, computing in `compute_dtype`.
+    """
     source = describe_source(model.pretrained, model.allow_pickle)
     if pipeline_class is StableDiffusionPipeline:
         extra = {"safety_checker": None, "requires_safety_checker": False, **extra}
+    if model.quantize_unet != "none":
+        extra = {"unet": load_nf4_unet(model, source, compute_dtype), **extra}
     try:
         if source == "file":
             return pipeline_class.from_single_file(model.pretrained, config=model.single_file_config,
@@ -61,6 +67,32 @@ def load_pipeline(model: ModelConfig, pipeline_class: type[DiffusionPipeline] = 
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         where = "the Hub (are you online and is the id right?)" if source == "hub" else "disk"
         raise FinetuneError(f"model.pretrained: could not load {model.pretrained} from {where}: {reason}") from None
+
+
+def load_nf4_unet(model: ModelConfig, source: str, compute_dtype: torch.dtype):
+    """The U-Net with its linear layers in NF4 through diffusers' bitsandbytes quantizer (QLoRA's storage)."""
+    if not torch.cuda.is_available():
+        raise FinetuneError("model.quantize_unet=nf4 needs a CUDA GPU (bitsandbytes 4-bit); set model.quantize_unet="
+                            "none here")
+    if source == "file":
+        raise FinetuneError(f"model.quantize_unet=nf4: {model.pretrained} is a single file; quantizing loads the "
+                            f"U-Net from a diffusers folder or Hub id (save it as one with diffusers' save_pretrained), or set "
+                            f"model.quantize_unet=none")
+    from diffusers import BitsAndBytesConfig, UNet2DConditionModel
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    try:
+        return UNet2DConditionModel.from_pretrained(model.pretrained, subfolder="unet", revision=model.revision,
+                                                    variant=model.variant, quantization_config=config,
+                                                    torch_dtype=compute_dtype)
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise FinetuneError(f"model.quantize_unet=nf4: could not load the U-Net of {model.pretrained} in 4 bits: "
+                            f"{reason}") from None
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """Quantized weights keep their storage type: such a module may be moved but not cast."""
+    return bool(getattr(module, "is_quantized", False))
 
 
 def training_scheduler(pipe: DiffusionPipeline) -> DDPMScheduler:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from finetune.config import (DataConfig, ExportConfig, LoraConfig, ModelConfig, PriorConfig, TrainConfig, option,
                              to_dict)
-from finetune.data.class_images import generate_class_images
+from finetune.data.class_images import generate_class_images, generation_dtype
 from finetune.data.dataset import (LatentSource, PromptEmbeddings, cache_keys, class_examples, instance_examples,
                                    plan_batch, sample_generators)
 from finetune.data.screening import screen_photos
@@ -29,7 +30,7 @@ from finetune.export.lora_weights import load_into_models, read_lora
 from finetune.export.metadata import model_family, tag_frequency
 from finetune.export.publish import publish
 from finetune.lora import add_text_encoder_lora, add_unet_lora, keep_lora_fp32, lora_parameters
-from finetune.models import freeze, load_pipeline, training_scheduler
+from finetune.models import freeze, is_quantized, load_pipeline, training_scheduler
 from finetune.training.accelerator import flat_hparams, make_accelerator, weight_dtype
 from finetune.training.checkpoint import load_checkpoint, read_progress, register_lora_only_saving, save_checkpoint
 from finetune.training.distributed import (check_replicas_agree, class_image_share, report_class_images,
@@ -40,6 +41,7 @@ from finetune.training.loss import add_noise, diffusion_target, prior_preservati
 from finetune.training.optim import build_lr_scheduler, build_optimizer
 from finetune.training.run_dir import prepare_output_dir
 from finetune.training.summary import StepClock, optimizer_state_summary, write_summary
+from finetune.training.unet_call import UNetForward, graphs_usable
 
 log = logging.getLogger("finetune")
 
@@ -64,19 +66,21 @@ class Result:
 
 
 def main(cfg: Config) -> Result:
+    started = time.perf_counter()
     accelerator = make_accelerator(cfg.train, cfg.output_dir, "dreambooth_lora")
     device, dtype, train = accelerator.device, weight_dtype(accelerator), cfg.train
     set_seed(train.seed)
     resume_from = prepare_output_dir(cfg.output_dir, train.resume, train.overwrite, accelerator.is_main_process)
     start, seen = resume_point(resume_from, samples_per_step(train, accelerator.num_processes))
     instance, photo_report = screen_photos(instance_examples(cfg.data), train.resolution, cfg.data.on_bad_image)
-    pipe = load_pipeline(cfg.model)
+    pipe = load_pipeline(cfg.model, compute_dtype=dtype)
 
     # 1. Prior preservation: class images drawn by the base model, before any LoRA touches it.
-    classes = []
+    classes, class_images_started = [], time.perf_counter()
     if cfg.prior.num_class_images:
         ensure_class_images(accelerator, pipe, cfg)
         classes = class_examples(cfg.data.class_dir, cfg.data.class_prompt, cfg.prior.num_class_images)
+    class_images_seconds = time.perf_counter() - class_images_started
 
     # 2. Freeze the base model and add LoRA; the frozen weights go to half precision, LoRA stays fp32.
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -88,7 +92,8 @@ def main(cfg: Config) -> Result:
     if cfg.lora.init_from:  # continue from an earlier LoRA (a resumed checkpoint overrides it below)
         load_into_models(read_lora(cfg.lora.init_from), {"unet": unet, "text_encoder": text_encoder}
                          if cfg.lora.text_encoder else {"unet": unet}, cfg.lora.init_from)
-    unet.to(device, dtype), text_encoder.to(device, dtype), vae.to(device, torch.float32)
+    unet.to(device) if is_quantized(unet) else unet.to(device, dtype)
+    text_encoder.to(device, dtype), vae.to(device, torch.float32)
     keep_lora_fp32(unet, text_encoder)
     if train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -122,6 +127,8 @@ def main(cfg: Config) -> Result:
     prompts = PromptEmbeddings(tokenizer, text_encoder, [e.prompt for e in examples], cache_prompts, device)
     if cache_prompts:
         text_encoder.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand back what encoding used: a smaller card needs it for the U-Net
     register_lora_only_saving(accelerator)
     if resume_from:
         load_checkpoint(accelerator, resume_from)
@@ -142,6 +149,10 @@ def main(cfg: Config) -> Result:
     bar = tqdm(range(start, train.max_steps), initial=start, total=train.max_steps, desc="training",
                disable=not accelerator.is_local_main_process)
     clock = StepClock(device, train.max_steps - start)
+    setup = {"setup_seconds": round(time.perf_counter() - started, 2),
+             "class_images_seconds": round(class_images_seconds, 2)}
+    forward = UNetForward(unet, dtype, graphs_usable(train.cuda_graphs, device, accelerator.num_processes,
+                                                     cfg.lora.dropout, train.gradient_accumulation))
 
     def progress(steps: int) -> dict:  # samples seen so far: where a resumed run, on any process count, goes on
         return {"samples": seen + (steps - start) * samples_per_step(train, accelerator.num_processes)}
@@ -150,7 +161,7 @@ def main(cfg: Config) -> Result:
         for micro in range(train.gradient_accumulation):
             plan = plans[(step - start) * train.gradient_accumulation + micro]
             with accelerator.accumulate(*trained):
-                loss, parts = denoise_step(unet, noise_scheduler, latents, prompts, examples, plan, len(instance),
+                loss, parts = denoise_step(forward, noise_scheduler, latents, prompts, examples, plan, len(instance),
                                            cfg.prior.loss_weight, sample_generators(train.seed, plan, device))
                 accelerator.backward(loss)
                 guard.watch(loss)
@@ -179,7 +190,8 @@ def main(cfg: Config) -> Result:
     # 6. Export: a checkpoint to resume or extend from, the LoRA file diffusers loads, the kohya file the UIs
     #    load, the model card, and what the run measured.
     check_replicas_agree(accelerator, *[accelerator.unwrap_model(m) for m in trained])
-    summary = {**clock.summary(train.max_steps), **optimizer_state_summary(optimizer, params)}
+    summary = {**clock.summary(train.max_steps), **optimizer_state_summary(optimizer, params),
+               "cuda_graphs": forward.use_graphs, "mode": train.mode, **setup}
     save_checkpoint(accelerator, cfg.output_dir, train.max_steps, train.keep_checkpoints,
                     lambda folder: export(folder, train.max_steps), progress(train.max_steps))
     final = Path(cfg.output_dir) / "pytorch_lora_weights.safetensors"
@@ -197,7 +209,7 @@ def main(cfg: Config) -> Result:
     return Result(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), final, train.max_steps)
 
 
-def denoise_step(unet, noise_scheduler, latents: LatentSource, prompts: PromptEmbeddings, examples, plan,
+def denoise_step(forward: UNetForward, noise_scheduler, latents: LatentSource, prompts: PromptEmbeddings, examples, plan,
                  num_instance: int, prior_weight: float, generators: list[torch.Generator]):
     """One forward pass: instance samples first, then class samples, in one batch; sample k draws from
     generators[k]."""
@@ -205,7 +217,7 @@ def denoise_step(unet, noise_scheduler, latents: LatentSource, prompts: PromptEm
     clean = latents.sample(indices, plan.flips, plan.crops, generators)
     noisy, noise, timesteps = add_noise(noise_scheduler, clean, generators)
     embeddings = prompts([examples[i].prompt for i in indices])
-    prediction = unet(noisy, timesteps, embeddings).sample
+    prediction = forward(noisy, timesteps, embeddings)
     target = diffusion_target(noise_scheduler, clean, noise, timesteps)
     return prior_preservation_loss(prediction, target, len(plan.instance), prior_weight)
 
@@ -219,8 +231,7 @@ def ensure_class_images(accelerator, pipe, cfg: Config) -> None:
         raise FinetuneError("data.class_prompt is empty; describe the class, e.g. 'a photo of a dog'")
     missing, share = class_image_share(accelerator, cfg.data.class_dir, cfg.prior.num_class_images)
     if missing:
-        dtype = torch.float16 if accelerator.device.type == "cuda" else torch.float32
-        pipe.to(accelerator.device, dtype)
+        pipe.to(accelerator.device, generation_dtype(accelerator.device, cfg.train.mixed_precision))
         generate_class_images(pipe, cfg.data.class_dir, cfg.data.class_prompt, cfg.prior, cfg.train.resolution,
                               cfg.train.seed, accelerator.device, share)
     accelerator.wait_for_everyone()

@@ -18,4 +18,4 @@ def test_benchmark_runs_our_recipe_end_to_end_on_a_tiny_model(tmp_path):
     assert ours["who"] == "finetune" and ours["rc"] == 0 and ours["it_per_s"] > 0
     assert ours["command"].startswith("accelerate launch ") and "finetune train" in ours["command"]
     assert len(list((tmp_path / "class-tiny").glob("*.png"))) == 8
-    assert (tmp_path / "ours-tiny-default" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "ours-tiny-fast" / "pytorch_lora_weights.safetensors").is_file()

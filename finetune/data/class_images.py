@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -65,14 +66,25 @@ def generate_class_images(pipe, folder: str | Path, prompt: str, prior: PriorCon
     set_scheduler(pipe, prior.generation_scheduler)
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(todo), desc=f"class images ({prompt!r})", unit="img")
-    for start in range(0, len(todo), prior.generation_batch_size):
-        chunk = todo[start:start + prior.generation_batch_size]
-        generators = [torch.Generator(device).manual_seed(seed + i) for i in chunk]
-        images = pipe([prompt] * len(chunk), num_inference_steps=prior.generation_steps,
-                      guidance_scale=prior.guidance_scale, height=resolution, width=resolution,
-                      generator=generators).images
-        for index, image in zip(chunk, images):
-            write_png_atomically(image, folder, index)
-        bar.update(len(chunk))
+    # PNG encoding runs on a second thread while the GPU draws the next batch.
+    with ThreadPoolExecutor(max_workers=2) as writer:
+        pending = []
+        for start in range(0, len(todo), prior.generation_batch_size):
+            chunk = todo[start:start + prior.generation_batch_size]
+            generators = [torch.Generator(device).manual_seed(seed + i) for i in chunk]
+            images = pipe([prompt] * len(chunk), num_inference_steps=prior.generation_steps,
+                          guidance_scale=prior.guidance_scale, height=resolution, width=resolution,
+                          generator=generators).images
+            pending += [writer.submit(write_png_atomically, image, folder, index) for index, image in zip(chunk, images)]
+            bar.update(len(chunk))
+        for write in pending:
+            write.result()  # re-raises a failed write (a full disk) here
     bar.close()
     return len(todo)
+
+
+def generation_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:
+    """Half precision for drawing class images on a GPU: bf16 when training in bf16 (an NF4 U-Net computes in it)."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16

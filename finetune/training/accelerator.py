@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import AutocastKwargs, ProjectConfiguration
 
 from ..config import TrainConfig
 
@@ -19,8 +19,10 @@ def make_accelerator(train: TrainConfig, output_dir: str | Path, project: str) -
     if precision != "no" and not torch.cuda.is_available():
         log.warning("notice: no CUDA GPU, so train.mixed_precision=%s falls back to fp32 (no)", precision)
         precision = "no"
+    # train.autocast=false keeps Accelerate's precision (weight dtype, fp16 loss scaler) but not its per-op casts.
     accelerator = Accelerator(
         mixed_precision=precision, gradient_accumulation_steps=train.gradient_accumulation, log_with="tensorboard",
+        kwargs_handlers=[AutocastKwargs(enabled=train.autocast)],
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")))
     return accelerator
 

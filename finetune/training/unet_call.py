@@ -1,0 +1,88 @@
+"""The training forward of the U-Net, eager or replayed from CUDA graphs.
+
+At batch 1 + 1 a U-Net step launches thousands of small kernels, and on a fast GPU the host cannot launch them as
+fast as the GPU runs them (an SD1.5 step measured about 38 ms of GPU work inside 170 ms, BENCHMARKS.md). A CUDA
+graph records the forward and the backward once per input shape and replays each as a single launch.
+torch.cuda.make_graphed_callables does the recording; this module decides when it can, and keeps the eager path
+as the fallback.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("finetune")
+
+
+class UNetOnTensors(torch.nn.Module):
+    """The U-Net as a function of tensors only, returning the prediction tensor (what graph capture needs).
+
+    SDXL's extra conditioning (pooled text embeddings, size/crop ids) comes as two more positional tensors.
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timesteps, embeddings, *added):
+        extra = {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}} if added else {}
+        return self.unet(sample, timesteps, embeddings, return_dict=False, **extra)[0]
+
+
+def graphs_usable(requested: bool, device: torch.device, num_processes: int, lora_dropout: float,
+                  gradient_accumulation: int) -> bool:
+    """Whether CUDA graphs can replace the eager U-Net call; says why not once, if they were asked for."""
+    if not requested:
+        return False
+    why_not = ("there is no CUDA GPU" if device.type != "cuda" else
+               "they are single-process (DDP's gradient hooks cannot be recorded)" if num_processes > 1 else
+               "LoRA dropout draws new random masks every step" if lora_dropout > 0 else
+               # the replayed backward writes its gradients into fixed buffers, which .grad then holds: a second
+               # micro-step would overwrite the first one's instead of adding to them
+               "gradient accumulation would overwrite, not sum, the recorded gradients"
+               if gradient_accumulation > 1 else None)
+    if why_not:
+        log.warning("notice: train.cuda_graphs is off for this run: %s", why_not)
+        return False
+    return True
+
+
+class UNetForward:
+    """Call as forward(noisy, timesteps, embeddings, *added) -> prediction.
+
+    Inputs are cast to the U-Net's compute dtype (without autocast a bf16 U-Net needs bf16 inputs). With graphs,
+    each new input shape (a bucket, a last short batch) is recorded on first use; if recording fails the run
+    goes on eagerly, with a notice.
+    """
+
+    def __init__(self, unet: torch.nn.Module, dtype: torch.dtype, use_graphs: bool):
+        self.unet, self.dtype, self.use_graphs = unet, dtype, use_graphs
+        self.eager = UNetOnTensors(unet)
+        self.graphed: dict[tuple, Callable] = {}
+
+    def __call__(self, noisy, timesteps, embeddings, *added) -> torch.Tensor:
+        inputs = (noisy.to(self.dtype), timesteps, embeddings.to(self.dtype), *(a.to(self.dtype) for a in added))
+        if not self.use_graphs:
+            return self.eager(*inputs)
+        key = tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in inputs)
+        if key not in self.graphed:
+            self.graphed[key] = self._record(inputs)
+            if self.graphed[key] is None:
+                self.use_graphs = False
+                return self.eager(*inputs)
+        return self.graphed[key](*inputs)
+
+    def _record(self, inputs) -> Callable | None:
+        samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
+        try:  # a fresh wrapper per shape: make_graphed_callables replaces the forward of the module it is given
+            graphed = torch.cuda.make_graphed_callables(UNetOnTensors(self.unet), samples, num_warmup_iters=3)
+        except Exception as error:  # noqa: BLE001 - any capture failure leaves the eager path, which is correct
+            log.warning("notice: recording the U-Net as a CUDA graph failed (%s); training eagerly",
+                        str(error).splitlines()[0][:200])
+            torch.cuda.synchronize()
+            return None
+        torch.cuda.empty_cache()  # the eager warm-up's activations: the graphs replay from a pool of their own
+        log.info("recorded the U-Net's forward and backward as CUDA graphs for input %s", tuple(inputs[0].shape))
+        return graphed
