@@ -52,6 +52,14 @@ def cmd_show_config(args) -> None:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
 
 
+def cmd_plan(args) -> None:
+    from .plan import parse_size, plan_report, write_json
+    text, data = plan_report(args.config, args.overrides, parse_size(args.gpu_memory))
+    print(text)
+    if args.json:
+        write_json(args.json, data)
+
+
 def cmd_generate(args) -> None:
     from .config import ModelConfig
     from .data.images import image_grid
@@ -107,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*")
     show.add_argument("--docs", action="store_true", help="list every key with its default and meaning")
     show.set_defaults(func=cmd_show_config)
+
+    plan = sub.add_parser("plan", help="estimate peak GPU memory of a config and name the settings that fit a card")
+    plan.add_argument("config", help="YAML config (model.pretrained must be a local diffusers folder)")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    plan.add_argument("--gpu-memory", default="8GiB", help="the card's memory, e.g. 8GiB, 24GB, 6144MiB")
+    plan.add_argument("--json", default=None, help="also write the estimates to this JSON file")
+    plan.set_defaults(func=cmd_plan)
 
     gen = sub.add_parser("generate", help="generate images with a base model and LoRAs")
     gen.add_argument("--model", required=True, help="base model: Hub id, diffusers folder or .safetensors file")

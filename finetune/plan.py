@@ -1,0 +1,134 @@
+"""`finetune plan`: estimate a run's peak GPU memory from the architecture and settings, before buying the card.
+
+A run has two peaks, and the larger one counts:
+- encoding: the U-Net already on the GPU, the text encoder(s) and the fp32 VAE encoding one image at a time;
+- training: the U-Net, LoRA with its gradients and optimizer state, and the activations kept for the backward pass.
+Weights are counted exactly from the model's configs (no weights are read). Activations and the VAE's working
+memory are per-sample constants measured on an H100 (BENCHMARKS.md, benchmarks/results/) and scaled by pixel count;
+CONTEXT_MIB is what nvidia-smi shows beyond PyTorch's own reservation (CUDA context, cuBLAS/cuDNN workspaces).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from .errors import FinetuneError
+
+MIB = 2**20
+CONTEXT_MIB = 700              # nvidia-smi minus torch's reserved peak: 695-855 MiB across the SD1.5 runs
+VAE_ENCODE_MIB_512 = 1170      # fp32 VAE encoder's working memory for one 512 px image
+# Activations kept for the backward pass, per sample at the reference resolution, without checkpointing
+# (bf16, SDPA); keyed by the U-Net's cross-attention width, which tells the families apart.
+ACTIVATIONS_MIB = {768: (1250, 512), 1024: (1250, 512), 2048: (7800, 1024)}
+CHECKPOINTED_FRACTION = 0.30   # activations left with gradient checkpointing (SD1.5 probe: 745 of 2470 MiB)
+DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
+
+
+@dataclasses.dataclass
+class Architecture:
+    unet_params: int
+    unet_linear_params: int
+    text_encoder_params: int
+    vae_params: int
+    cross_attention_dim: int
+    target_linear_shapes: list[tuple[int, int]]  # (in, out) of every linear layer that gets LoRA
+
+
+def parse_size(text: str) -> float:
+    """'8GiB', '8 GB', '6144MiB', '8' -> MiB (GB and GiB both read as 2**30 bytes: cards are sold that way)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([GMgm]i?[Bb]?)?\s*", text)
+    if not match:
+        raise FinetuneError(f"--gpu-memory {text!r}: write it as e.g. 8GiB, 6GB or 6144MiB")
+    value, unit = float(match.group(1)), (match.group(2) or "G").upper()
+    return value * 1024 if unit.startswith("G") else value
+
+
+def read_architecture(model_dir: str, unet_targets: str) -> Architecture:
+    """Count parameters from the configs alone: the U-Net is built on the meta device, so nothing is allocated."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoConfig, AutoModel
+
+    from .lora import UNET_TARGETS
+
+    root = Path(model_dir)
+    if not (root / "unet" / "config.json").is_file():
+        raise FinetuneError(f"model.pretrained: {model_dir} is not a diffusers folder with unet/config.json; plan "
+                            f"reads the model's configs from a local folder (download the model first)")
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
+        encoders = [AutoModel.from_config(AutoConfig.from_pretrained(root / name))
+                    for name in ("text_encoder", "text_encoder_2") if (root / name / "config.json").is_file()]
+    pattern = re.compile(UNET_TARGETS[unet_targets])
+    linears = [(name, m) for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
+    return Architecture(
+        unet_params=sum(p.numel() for p in unet.parameters()),
+        unet_linear_params=sum(m.weight.numel() for _, m in linears),
+        text_encoder_params=sum(p.numel() for e in encoders for p in e.parameters()),
+        vae_params=sum(p.numel() for p in vae.parameters()),
+        cross_attention_dim=unet.config.cross_attention_dim,
+        target_linear_shapes=[(m.in_features, m.out_features) for name, m in linears if pattern.fullmatch(name)])
+
+
+def estimate(arch: Architecture, train, model, lora, samples_per_step: int) -> dict:
+    """Peak MiB of each phase and of the run (as nvidia-smi would show it) for these settings."""
+    weight_bytes = DTYPE_BYTES[train.mixed_precision]
+    if model.quantize_unet == "nf4":  # 4 bits per linear weight plus one fp32 scale per 64-weight block
+        unet = arch.unet_linear_params * (0.5 + 4 / 64) + (arch.unet_params - arch.unet_linear_params) * 2
+    else:
+        unet = arch.unet_params * weight_bytes
+    lora_params = sum(lora.rank * (i + o) for i, o in arch.target_linear_shapes)
+    state_bytes = 2 if train.optimizer == "adamw8bit" else 8
+    lora_total = lora_params * (4 + 4 + state_bytes)  # fp32 weights, fp32 gradients, optimizer state
+    per_sample_mib, reference_px = ACTIVATIONS_MIB.get(arch.cross_attention_dim, ACTIVATIONS_MIB[768])
+    activations = per_sample_mib * (train.resolution / reference_px) ** 2 * samples_per_step * MIB
+    if train.gradient_checkpointing:
+        activations *= CHECKPOINTED_FRACTION
+    text_encoders = arch.text_encoder_params * weight_bytes
+    encoders_resident = not (train.cache_text_embeddings and not lora.text_encoder)
+    vae_working = VAE_ENCODE_MIB_512 * (train.resolution / 512) ** 2 * MIB
+    encoding = unet + text_encoders + arch.vae_params * 4 + vae_working
+    training = unet + lora_total + activations + (text_encoders if encoders_resident else 0)
+    return {"encoding_mib": round(encoding / MIB), "training_mib": round(training / MIB),
+            "peak_mib": round(max(encoding, training) / MIB + CONTEXT_MIB)}
+
+
+def candidates(cfg) -> list[tuple[str, list[str]]]:
+    """The settings worth comparing, fastest first: (label, overrides)."""
+    return [("train.mode=fast", ["train.mode=fast", "train.gradient_checkpointing=false"]),
+            ("train.mode=fast train.gradient_checkpointing=true",
+             ["train.mode=fast", "train.gradient_checkpointing=true"]),
+            ("train.mode=low_memory", ["train.mode=low_memory"])]
+
+
+def plan_report(config_path: str, overrides: list[str], gpu_mib: float) -> tuple[str, dict]:
+    """The table `finetune plan` prints, and the estimates as data."""
+    from .cli import load_recipe_config
+
+    _, cfg = load_recipe_config(config_path, overrides)
+    arch = read_architecture(cfg.model.pretrained, cfg.lora.unet_targets)
+    samples = cfg.train.batch_size * (2 if getattr(cfg, "prior", None) and cfg.prior.num_class_images else 1)
+    rows, estimates = [], {}
+    for label, extra in [("as configured", [])] + candidates(cfg):
+        _, variant = load_recipe_config(config_path, [*overrides, *extra])
+        est = estimate(arch, variant.train, variant.model, variant.lora, samples)
+        estimates[label] = est
+        fits = "fits" if est["peak_mib"] <= gpu_mib else "too big"
+        rows.append(f"  {est['peak_mib'] / 1024:5.1f} GiB  {fits:8s} {label}")
+    fitting = [label for label, est in estimates.items() if label != "as configured" and est["peak_mib"] <= gpu_mib]
+    advice = (f"use: {fitting[0]}" if fitting else
+              "nothing fits: lower train.resolution or train.batch_size, or use a bigger card")
+    header = (f"{cfg.model.pretrained}: U-Net {arch.unet_params / 1e6:.0f}M params, {cfg.train.resolution} px, "
+              f"{samples} samples per step; estimated peak GPU memory (as nvidia-smi shows it) on a "
+              f"{gpu_mib / 1024:.1f} GiB card:")
+    return "\n".join([header, *rows, advice]), {"gpu_mib": gpu_mib, "estimates": estimates, "advice": advice,
+                                                 "architecture": dataclasses.asdict(arch) | {
+                                                     "target_linear_shapes": len(arch.target_linear_shapes)}}
+
+
+def write_json(path: str, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
