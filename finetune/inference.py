@@ -63,8 +63,10 @@ def device_and_dtype(device: str | None = None) -> tuple[str, torch.dtype]:
 @torch.no_grad()
 def generate(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: int = 25,
              guidance: float = 7.5, resolution: int | None = None, batch_size: int = 4,
-             progress: bool = True) -> list[Image.Image]:
-    """`num_images` images per prompt; image k of a prompt always uses seed + k, so runs compare 1:1."""
+             progress: bool = True, **pipe_kwargs) -> list[Image.Image]:
+    """`num_images` images per prompt; image k of a prompt always uses seed + k, so runs compare 1:1.
+
+    `pipe_kwargs` go to the pipeline call (output_type="latent" returns latents instead of images)."""
     jobs = [(prompt, seed + k) for prompt in prompts for k in range(num_images)]
     size = {"height": resolution, "width": resolution} if resolution else {}
     device = pipe._execution_device
@@ -73,7 +75,7 @@ def generate(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps
         chunk = jobs[start:start + batch_size]
         generators = [torch.Generator(device).manual_seed(s) for _, s in chunk]
         images += pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=generators, **size).images
+                       generator=generators, **size, **pipe_kwargs).images
         if progress:
             print(f"generated {len(images)}/{len(jobs)} images", flush=True)
     return images
