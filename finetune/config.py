@@ -175,7 +175,7 @@ class DataConfig:
     instance_prompt: str = option("a photo of sks dog", "prompt with the trigger phrase, used for uncaptioned photos")
     class_dir: str | None = option(None, "folder of class images for prior preservation (generated if short)")
     class_prompt: str = option("a photo of dog", "prompt describing the class, without the trigger phrase")
-    caption_extension: str = option(".txt", "file ending of per-photo caption files")
+    caption_extension: str = option(".txt", "caption file ending looked for first; .txt and .caption are also read")
     center_crop: bool = option(True, "center crop (true) or random crop (false) after resizing the short side")
     random_flip: bool = option(False, "flip photos horizontally at random")
     repeats: int = option(1, "how many times each instance photo appears per epoch")

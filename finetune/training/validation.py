@@ -56,7 +56,8 @@ class Validator:
                 base = self.draw()
             lora = self.draw()
             n = self.cfg.num_images
-            rows = [image for p in range(len(self.cfg.prompts)) for image in base[p * n:(p + 1) * n] + lora[p * n:(p + 1) * n]]
+            rows = [image for p in range(len(self.cfg.prompts))
+                    for image in base[p * n:(p + 1) * n] + lora[p * n:(p + 1) * n]]
             path = self.save(image_grid(rows, rows=2 * len(self.cfg.prompts)), BEFORE_AFTER, "before_after",
                              step)
         self.accelerator.wait_for_everyone()

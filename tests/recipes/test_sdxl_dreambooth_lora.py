@@ -1,0 +1,107 @@
+"""The SDXL recipe on a tiny SDXL model: two buckets, captions, both text encoders, export and reload."""
+from __future__ import annotations
+
+import json
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from finetune.data.dataset import Example, LatentSource, plan_batch
+from finetune.export.diffusers_format import finetune_metadata, read_header
+from finetune.models import training_scheduler
+from finetune.sdxl import SDXLPromptEmbeddings
+from recipes import sdxl_dreambooth_lora
+
+SDXL = "recipes/configs/sdxl_dreambooth_lora.yaml"
+
+
+def sdxl_overrides(model, photos, out, **extra):
+    values = {"model.pretrained": model, "data.instance_dir": photos, "output_dir": out / "run",
+              "prior.num_class_images": 0, "train.resolution": 128, "train.max_steps": 3, "train.batch_size": 2,
+              "train.mixed_precision": "no", "train.optimizer": "adamw", "train.checkpoint_every": 0,
+              "train.log_every": 1, "train.learning_rate": 1e-3, "train.gradient_checkpointing": "false",
+              "validation.prompts": "[]", "data.trigger": "sks cat"}
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@torch.no_grad()
+def outputs(pipe_or_models):
+    unet, te1, te2 = pipe_or_models
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(2, 4, 8, 24, generator=g), torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[96., 256, 4, 0, 64, 192]] * 2)}
+    ids = torch.tensor([[512, 353, 112, 104, 111, 116, 367, 513] + [513] * 8])
+    return (unet(x, torch.tensor([10, 600]), emb, added_cond_kwargs=added).sample, te1(ids)[0],
+            te2(ids, output_hidden_states=True).hidden_states[-2], te2(ids)[0])
+
+
+def add_wide_photo(photos):
+    """A landscape photo (its own bucket beside the square crops), captioned with the trigger placeholder."""
+    Image.open(photos / "cat_0.jpg").resize((256, 96)).save(photos / "wide.jpg")
+    (photos / "wide.caption").write_text("{trigger}, lying in the grass")
+
+
+def test_cli_trains_two_buckets_with_captions_and_the_export_reloads_equal(tiny_sdxl, photos, tmp_path, run_cli,
+                                                                          monkeypatch):
+    add_wide_photo(photos)
+    results = []
+    real_main = sdxl_dreambooth_lora.main
+    monkeypatch.setattr(sdxl_dreambooth_lora, "main", lambda cfg: results.append(real_main(cfg)))
+    code, _, err = run_cli("train", SDXL, *sdxl_overrides(tiny_sdxl, photos, tmp_path, **{
+        "lora.text_encoder": "true", "lora.rank": 2, "lora.alpha": 4, "data.caption_dropout": 0.2}))
+    assert code == 0, err
+    result = results[0]
+    meta = finetune_metadata(result.export)
+    assert json.loads(meta["buckets"]) == ["128x128", "192x64"] and meta["recipe"] == "sdxl_dreambooth_lora"
+    adapters = json.loads(read_header(result.export)["lora_adapter_metadata"])
+    assert adapters["unet.lora_alpha"] == 4 and adapters["text_encoder_2.r"] == 2
+    keys = load_file(result.export)
+    assert any(k.startswith("text_encoder_2.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    base = outputs((pipe.unet, pipe.text_encoder, pipe.text_encoder_2))
+    pipe.load_lora_weights(result.export.parent)
+    got = outputs((pipe.unet, pipe.text_encoder, pipe.text_encoder_2))
+    want = outputs((result.unet, *result.text_encoders))
+    for g, w, b in zip(got, want, base):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+        assert (g - b).abs().max() > 1e-5, "the LoRA changed nothing"
+
+
+def test_prompt_embeddings_match_the_pipeline_and_time_ids_come_from_the_crop(tiny_sdxl, photos):
+    add_wide_photo(photos)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
+    prompts = SDXLPromptEmbeddings(tokenizers, encoders, ["a photo of sks cat", ""], True, "cpu")
+    embeds, pooled = prompts(["a photo of sks cat", ""])
+    want, _, want_pooled, _ = pipe.encode_prompt(["a photo of sks cat", ""], device="cpu",
+                                                 do_classifier_free_guidance=False)
+    torch.testing.assert_close(embeds, want)
+    torch.testing.assert_close(pooled, want_pooled)
+
+    calls = []
+
+    class Spy(torch.nn.Module):
+        config = pipe.unet.config
+
+        def forward(self, noisy, t, emb, added_cond_kwargs):
+            calls.append(added_cond_kwargs)
+            return pipe.unet(noisy, t, emb, added_cond_kwargs=added_cond_kwargs)
+
+    examples = [Example(photos / "wide.jpg", "sks cat, lying in the grass"), Example(photos / "cat_1.jpg", "p")]
+    buckets = [(192, 64), (128, 128)]
+    latents = LatentSource(pipe.vae, examples, 128, True, True, "cpu",
+                           keys={(i, flip, b) for i, b in enumerate(buckets) for flip in (False, True)})
+    plan = plan_batch(0, 0, 1, 2, 1, 0, True, False, buckets=[(192, 64), (128, 128)])
+    plan.instance, plan.size, plan.flips = [0], (192, 64), [True]
+    cfg = sdxl_dreambooth_lora.Config()
+    text = ["sks cat, lying in the grass"]
+    sdxl_dreambooth_lora.denoise_step(Spy(), training_scheduler(pipe), latents, SDXLPromptEmbeddings(
+        tokenizers, encoders, text, True, "cpu"), examples, plan, 2, 1.0, [torch.Generator().manual_seed(0)],
+        cfg.loss, text)
+    # 256x96 -> 192x72, cropped 4 px from the top; flipped, the left edge stays 0 (no spare columns)
+    assert calls[0]["time_ids"].tolist() == [[96, 256, 4, 0, 64, 192]]
+    assert calls[0]["text_embeds"].shape == (1, 32)
