@@ -51,9 +51,14 @@ def test_cli_trains_two_buckets_with_captions_and_the_export_reloads_equal(tiny_
     real_main = sdxl_dreambooth_lora.main
     monkeypatch.setattr(sdxl_dreambooth_lora, "main", lambda cfg: results.append(real_main(cfg)))
     code, _, err = run_cli("train", SDXL, *sdxl_overrides(tiny_sdxl, photos, tmp_path, **{
-        "lora.text_encoder": "true", "lora.rank": 2, "lora.alpha": 4, "data.caption_dropout": 0.2}))
+        "lora.text_encoder": "true", "lora.rank": 2, "lora.alpha": 4, "data.caption_dropout": 0.2,
+        "validation.prompts": "[a photo of sks cat]", "validation.every": 3, "validation.num_images": 1,
+        "validation.steps": 2}))
     assert code == 0, err
     result = results[0]
+    samples = tmp_path / "run" / "samples"
+    assert Image.open(samples / "step-000003.png").size == (128, 128)
+    assert Image.open(samples / "before_after.png").size == (128, 256)
     meta = finetune_metadata(result.export)
     assert json.loads(meta["buckets"]) == ["128x128", "192x64"] and meta["recipe"] == "sdxl_dreambooth_lora"
     adapters = json.loads(read_header(result.export)["lora_adapter_metadata"])
