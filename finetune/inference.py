@@ -19,12 +19,13 @@ SCHEDULERS = {
 }
 
 
-def set_scheduler(pipe, name: str) -> None:
-    """Swap the pipeline's sampler by name ('default' keeps the model's own); the noise schedule is kept."""
+def set_scheduler(pipe, name: str, key: str = "scheduler") -> None:
+    """Swap the pipeline's sampler by name ('default' keeps the model's own); the noise schedule is kept.
+    An unknown name is a one-line error naming `key`, the option it came from."""
     if name == "default":
         return
     if name not in SCHEDULERS:
-        raise FinetuneError(f"scheduler {name!r} is unknown; choose default or one of {', '.join(SCHEDULERS)}")
+        raise FinetuneError(f"{key}: {name!r} is unknown; choose default or one of {', '.join(SCHEDULERS)}")
     cls, extra = SCHEDULERS[name]
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
 

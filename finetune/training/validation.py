@@ -29,7 +29,7 @@ class Validator:
         self.cfg, self.accelerator, self.pipe, self.lora_models = cfg, accelerator, pipe, lora_models
         self.folder, self.resolution = Path(output_dir) / SAMPLES, resolution
         if cfg.prompts:
-            set_scheduler(pipe, cfg.scheduler)
+            set_scheduler(pipe, cfg.scheduler, "validation.scheduler")
             pipe.set_progress_bar_config(disable=True)
 
     def due(self, step: int) -> bool:

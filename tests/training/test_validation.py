@@ -34,3 +34,11 @@ def test_validation_grids_at_the_configured_steps_and_training_unchanged(tiny_sd
     a = load_file(tmp_path / "with" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "without" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_an_unknown_validation_sampler_is_a_one_line_error_naming_its_key(tiny_sd1, photos, tmp_path, run_cli):
+    overrides = tiny_overrides(tiny_sd1, photos, tmp_path, **{"prior.num_class_images": 0})
+    code, _, err = run_cli("train", SD15, *overrides, "validation.prompts=[a cat]", "validation.scheduler=eulr")
+    assert code == 2
+    assert err.splitlines()[-1] == ("finetune: error: validation.scheduler: 'eulr' is unknown; choose default or "
+                                    "one of dpm++, ddim, euler, euler_a, pndm")
