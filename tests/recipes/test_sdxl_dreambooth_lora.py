@@ -59,6 +59,8 @@ def test_cli_trains_two_buckets_with_captions_and_the_export_reloads_equal(tiny_
     samples = tmp_path / "run" / "samples"
     assert Image.open(samples / "step-000003.png").size == (128, 128)
     assert Image.open(samples / "before_after.png").size == (128, 256)
+    card = (tmp_path / "run" / "README.md").read_text()  # the model card shows the base-vs-LoRA grid
+    assert "![samples](samples/before_after.png)" in card and "StableDiffusionXLPipeline" in card
     meta = finetune_metadata(result.export)
     assert json.loads(meta["buckets"]) == ["128x128", "192x64"] and meta["recipe"] == "sdxl_dreambooth_lora"
     adapters = json.loads(read_header(result.export)["lora_adapter_metadata"])
