@@ -67,6 +67,8 @@ def test_cli_trains_two_buckets_with_captions_and_the_export_reloads_equal(tiny_
     assert adapters["unet.lora_alpha"] == 4 and adapters["text_encoder_2.r"] == 2
     keys = load_file(result.export)
     assert any(k.startswith("text_encoder_2.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+    kohya = load_file(tmp_path / "run" / "run.safetensors")  # the shipped config also writes the UIs' file
+    assert {k.split("_", 2)[1] for k in kohya} == {"unet", "te1", "te2"}
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     base = outputs((pipe.unet, pipe.text_encoder, pipe.text_encoder_2))
