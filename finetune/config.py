@@ -85,16 +85,20 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, doc) for every leaf field: the reference table in README and `show-config`."""
+def field_docs(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every leaf field: the reference table in README and `show-config`.
+
+    Defaults are read from a default instance, so a section a recipe sets differently (SDXL's
+    TrainConfig(resolution=1024)) shows the recipe's value, not the section class's."""
     rows = []
     hints = typing.get_type_hints(cls)
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
-            rows += field_docs(hints[f.name], prefix + f.name + ".")
+            rows += field_docs(hints[f.name], prefix + f.name + ".", value)
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
+            rows.append((prefix + f.name, repr(value), f.metadata.get("doc", "")))
     return rows
 
 

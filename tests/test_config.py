@@ -91,6 +91,9 @@ def test_show_config_docs_cover_every_field(run_cli):
     for key, _, doc in config_lib.field_docs(load_recipe_config(None, [])[0].Config):
         assert doc, f"{key} has no doc"
         assert key in out
+    code, out, _ = run_cli("show-config", "--docs", str(CONFIGS[0].parent / "sdxl_dreambooth_lora.yaml"))
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()}
+    assert rows["train.resolution"] == "1024" and rows["data.buckets"] == "True"  # the SDXL recipe's defaults
 
 
 LAUNCH_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "examples").glob("accelerate_*.yaml"))
