@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
+import signal
 
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -9,22 +13,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.data.dataset import Example, LatentSource, plan_batch
-from finetune.export.diffusers_format import finetune_metadata, read_header
+from finetune.export.diffusers_format import WEIGHT_NAME, finetune_metadata, read_header
 from finetune.models import training_scheduler
 from finetune.sdxl import SDXLPromptEmbeddings
 from recipes import sdxl_dreambooth_lora
-
-SDXL = "recipes/configs/sdxl_dreambooth_lora.yaml"
-
-
-def sdxl_overrides(model, photos, out, **extra):
-    values = {"model.pretrained": model, "data.instance_dir": photos, "output_dir": out / "run",
-              "prior.num_class_images": 0, "train.resolution": 128, "train.max_steps": 3, "train.batch_size": 2,
-              "train.mixed_precision": "no", "train.optimizer": "adamw", "train.checkpoint_every": 0,
-              "train.log_every": 1, "train.learning_rate": 1e-3, "train.gradient_checkpointing": "false",
-              "validation.prompts": "[]", "data.trigger": "sks cat"}
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+from tests.helpers import SDXL, add_wide_photo, sdxl_overrides
 
 
 @torch.no_grad()
@@ -36,12 +29,6 @@ def outputs(pipe_or_models):
     ids = torch.tensor([[512, 353, 112, 104, 111, 116, 367, 513] + [513] * 8])
     return (unet(x, torch.tensor([10, 600]), emb, added_cond_kwargs=added).sample, te1(ids)[0],
             te2(ids, output_hidden_states=True).hidden_states[-2], te2(ids)[0])
-
-
-def add_wide_photo(photos):
-    """A landscape photo (its own bucket beside the square crops), captioned with the trigger placeholder."""
-    Image.open(photos / "cat_0.jpg").resize((256, 96)).save(photos / "wide.jpg")
-    (photos / "wide.caption").write_text("{trigger}, lying in the grass")
 
 
 def test_cli_trains_two_buckets_with_captions_and_the_export_reloads_equal(tiny_sdxl, photos, tmp_path, run_cli,
@@ -114,3 +101,46 @@ def test_prompt_embeddings_match_the_pipeline_and_time_ids_come_from_the_crop(ti
     # 256x96 -> 192x72, cropped 4 px from the top; flipped, the left edge stays 0 (no spare columns)
     assert calls[0]["time_ids"].tolist() == [[96, 256, 4, 0, 64, 192]]
     assert calls[0]["text_embeds"].shape == (1, 32)
+
+
+def test_sdxl_shares_the_guard_the_signal_handling_the_protected_output_and_exact_resume(
+        tiny_sdxl, photos, tmp_path, run_cli, monkeypatch, caplog):
+    """Step 2's loss is NaN (skipped), SIGINT arrives during step 3 (saved, exit 130); the folder is protected;
+    the resumed run ends bitwise equal to one never stopped, with buckets, flips and caption dropout."""
+    add_wide_photo(photos)
+    caplog.set_level(logging.INFO, logger="finetune")
+    real, calls = sdxl_dreambooth_lora.denoise_step, []
+
+    def nan_at_two(interrupt_at=None):
+        def step(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            loss, parts = real(*args, **kwargs)
+            return (loss * math.nan if len(calls) == 2 else loss), parts
+        return step
+
+    common = sdxl_overrides(tiny_sdxl, photos, tmp_path, **{
+        "train.max_steps": 4, "data.random_flip": "true", "data.caption_dropout": 0.3, "export.kohya": "false"})
+    monkeypatch.setattr(sdxl_dreambooth_lora, "denoise_step", nan_at_two())
+    code, _, err = run_cli("train", SDXL, *common, f"output_dir={tmp_path / 'straight'}")
+    assert code == 0, err
+    assert "step 2 had a NaN/Inf loss or gradient; skipped it (1 in a row)" in caplog.text
+
+    calls.clear()
+    monkeypatch.setattr(sdxl_dreambooth_lora, "denoise_step", nan_at_two(interrupt_at=3))
+    run = tmp_path / "run"
+    code, _, err = run_cli("train", SDXL, *common)
+    assert code == 130 and err.splitlines()[-1].startswith(
+        f"finetune: error: interrupted by SIGINT after step 3; saved {run}/checkpoints/step-000003")
+
+    monkeypatch.undo()
+    code, _, err = run_cli("train", SDXL, *common)
+    assert code == 2 and f"output_dir {run} holds checkpoints of an earlier run" in err
+    caplog.clear()
+    code, _, err = run_cli("train", SDXL, *common, "train.resume=latest")
+    assert code == 0, err
+    assert "at step 3 (6 samples seen)" in caplog.text and "summary: 1 steps, 0 skipped (NaN/Inf)" in caplog.text
+    assert json.loads((run / "train_summary.json").read_text())["steps"] == 4
+    want, got = load_file(tmp_path / "straight" / WEIGHT_NAME), load_file(run / WEIGHT_NAME)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
