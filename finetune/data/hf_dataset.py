@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import FinetuneError
 from .images import open_rgb, to_rgb
@@ -47,10 +47,16 @@ def check_columns(data, name: str, image_column: str, caption_column: str | None
 
 
 def row_image(data, index: int, column: str) -> Image.Image:
-    """Row `index`'s image upright in RGB; the column may hold images or paths to them."""
-    value = data[index][column]
-    if isinstance(value, Image.Image):
-        return to_rgb(ImageOps.exif_transpose(value))
+    """Row `index`'s image upright in RGB; the column may hold images or paths to them. An image that does not
+    decode (corrupt or truncated bytes) is a one-line error naming the row, which screening can skip."""
+    try:
+        value = data[index][column]
+        if isinstance(value, Image.Image):
+            value.load()
+            return to_rgb(ImageOps.exif_transpose(value))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise FinetuneError(f"data.dataset row {index} ({column!r}): not a readable image ({exc}); fix or drop "
+                            "the row") from None
     if isinstance(value, str):
         return open_rgb(value)
     raise FinetuneError(f"data.image_column: row {index} of column {column!r} holds {type(value).__name__}, "

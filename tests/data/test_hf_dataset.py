@@ -8,6 +8,7 @@ from PIL import Image
 
 from finetune.config import DataConfig
 from finetune.data.dataset import instance_examples
+from finetune.data.screening import screen_photos
 from finetune.errors import FinetuneError
 from tests.helpers import tiny_overrides
 
@@ -60,3 +61,17 @@ def test_imagefolder_with_metadata_trains_through_the_recipe(tiny_sd1, photos, t
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
     code, _, err = run_cli("train", SD15, *overrides, "data.dataset=./no/such/folder", f"output_dir={tmp_path}/r2")
     assert code == 2 and "data.dataset: folder ./no/such/folder does not exist" in err
+
+
+def test_an_undecodable_row_is_an_error_naming_it_or_skipped(photos, tmp_path):
+    paths = sorted(photos.glob("*.jpg"))[:2]
+    rows = [{"bytes": p.read_bytes(), "path": None} for p in paths] + [{"bytes": b"not an image", "path": None}]
+    datasets.Dataset.from_dict({"image": rows}, features=datasets.Features({"image": datasets.Image()})
+                               ).save_to_disk(str(tmp_path / "saved"))
+    examples = instance_examples(DataConfig(dataset=str(tmp_path / "saved")))
+    with pytest.raises(FinetuneError, match=r"^data.dataset row 2 \('image'\): not a readable image .*"
+                                            r"\(or set data.on_bad_image=skip to leave such files out\)$"):
+        screen_photos(examples, 64, "error")
+    kept, report = screen_photos(examples, 64, "skip")
+    assert [e.path for e in kept] == [f"{tmp_path / 'saved'}[0]", f"{tmp_path / 'saved'}[1]"]
+    assert report.summary() == "photos: 2 used, 1 skipped"
