@@ -6,7 +6,8 @@
 It builds a random-weight pipeline with the real SD1.5 shapes (UNet 859.5M; cost does not depend on the weight
 values), writes a few random photos, then for each process count runs this file under `accelerate launch` as a
 worker that drives the recipe's own code, and prints one JSON object:
-- class images: the recipe's ensure_class_images on an empty folder, timed between barriers -> images/s;
+- class images: the recipes' ensure_class_images (finetune.training.distributed) on an empty folder, timed
+  between barriers -> images/s;
 - training: dreambooth_lora.main for W + S steps; the steady-state rate from the recipe's run summary
   (train_summary.json) -> it/s and samples/s (instance samples; as many class samples ride along).
 The per-GPU batch is the same for every process count, so samples/s should scale with the processes.
@@ -56,6 +57,7 @@ def worker(args) -> None:
     from finetune.cli import load_recipe_config, quiet_libraries
     from finetune.models import load_pipeline
     from finetune.training.accelerator import make_accelerator
+    from finetune.training.distributed import ensure_class_images
     from recipes import dreambooth_lora
 
     quiet_libraries()
@@ -66,7 +68,7 @@ def worker(args) -> None:
     pipe = load_pipeline(cfg.model)
     accelerator.wait_for_everyone()
     began = time.perf_counter()
-    dreambooth_lora.ensure_class_images(accelerator, pipe, cfg)  # ends with a barrier
+    ensure_class_images(accelerator, pipe, cfg.data, cfg.prior, cfg.train.resolution, cfg.train.seed)  # a barrier
     class_seconds = time.perf_counter() - began
     del pipe
     if torch.cuda.is_available():

@@ -69,7 +69,7 @@ def cmd_generate(args) -> None:
     device, dtype = device_and_dtype(args.device)
     pipe = load_pipeline(ModelConfig(pretrained=args.model), dtype=dtype)
     load_loras(pipe, [parse_lora_arg(text) for text in args.lora])
-    set_scheduler(pipe, args.scheduler)
+    set_scheduler(pipe, args.scheduler, "--scheduler")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     images = generate(pipe, args.prompt, args.num_images, args.seed, args.steps, args.guidance, args.resolution)

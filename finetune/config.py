@@ -112,16 +112,20 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, doc) for every leaf field: the reference table in README and `show-config`."""
+def field_docs(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every leaf field: the reference table in README and `show-config`.
+
+    Defaults are read from a default instance, so a section a recipe sets differently (SDXL's
+    TrainConfig(resolution=1024)) shows the recipe's value, not the section class's."""
     rows = []
     hints = typing.get_type_hints(cls)
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
-            rows += field_docs(hints[f.name], prefix + f.name + ".")
+            rows += field_docs(hints[f.name], prefix + f.name + ".", value)
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
+            rows.append((prefix + f.name, repr(value), f.metadata.get("doc", "")))
     return rows
 
 
@@ -205,15 +209,31 @@ class DataConfig:
     instance_prompt: str = option("a photo of sks dog", "prompt with the trigger phrase, used for uncaptioned photos")
     class_dir: str | None = option(None, "folder of class images for prior preservation (generated if short)")
     class_prompt: str = option("a photo of dog", "prompt describing the class, without the trigger phrase")
-    caption_extension: str = option(".txt", "file ending of per-photo caption files")
+    caption_extension: str = option(".txt", "caption file ending looked for first; .txt and .caption are also read")
     center_crop: bool = option(True, "center crop (true) or random crop (false) after resizing the short side")
     random_flip: bool = option(False, "flip photos horizontally at random")
     repeats: int = option(1, "how many times each instance photo appears per epoch")
     on_bad_image: Literal["error", "skip"] = option("error", "an unreadable photo or one with an extreme aspect "
                                                              "ratio: stop with an error, or skip it with a warning")
+    trigger: str | None = option(None, "trigger phrase, e.g. 'sks dog': replaces {trigger} in captions, or is "
+                                       "prepended to captions that lack it")
+    caption_dropout: float = option(0.0, "probability that a photo's prompt is replaced by the empty prompt")
+    shuffle_tags: bool = option(False, "shuffle a caption's comma-separated tags each step (text embeddings are "
+                                       "then encoded per step, not cached)")
+    keep_tags: int = option(1, "with shuffle_tags: how many leading tags stay in place (1 keeps the trigger first)")
+    buckets: bool = option(False, "aspect-ratio buckets: train each photo at about resolution^2 pixels in its "
+                                  "own shape (multiples of 64), batches from one bucket")
+    allow_upscale: bool = option(False, "with buckets: let a photo smaller than its bucket be enlarged to it")
+    dataset: str | None = option(None, "instead of instance_dir: a datasets folder (save_to_disk), an image "
+                                       "folder with metadata.jsonl, or a Hub dataset name")
+    dataset_split: str = option("train", "the split of data.dataset to train on")
+    image_column: str = option("image", "data.dataset column holding the images")
+    caption_column: str | None = option(None, "data.dataset column holding captions (unset: the instance prompt)")
 
     def __post_init__(self):
         check(self.repeats >= 1, "data.repeats", "must be at least 1")
+        check(0 <= self.caption_dropout <= 1, "data.caption_dropout", "must be in [0, 1]")
+        check(self.keep_tags >= 0, "data.keep_tags", "must be 0 or more")
 
 
 @dataclasses.dataclass
@@ -305,3 +325,45 @@ class TrainConfig:
         check(self.resolution % 8 == 0, "train.resolution", "must be a multiple of 8")
         check(not (self.cuda_graphs and self.autocast), "train.cuda_graphs",
               "needs train.autocast=false (autocast's weight cache cannot be replayed by a graph)")
+
+
+@dataclasses.dataclass
+class LossConfig:
+    snr_gamma: float = option(0.0, "min-SNR-gamma loss weighting, e.g. 5.0 (0 turns it off)")
+    noise_offset: float = option(0.0, "noise offset, e.g. 0.05: lets the model learn darker and brighter images "
+                                      "(0 turns it off)")
+
+    def __post_init__(self):
+        check(self.snr_gamma >= 0, "loss.snr_gamma", "must be 0 (off) or positive")
+        check(self.noise_offset >= 0, "loss.noise_offset", "must be 0 (off) or positive")
+
+
+@dataclasses.dataclass
+class ValidationConfig:
+    prompts: list[str] = option([], "prompts to draw while training (none: no validation images)")
+    every: int = option(0, "draw the validation prompts every N steps (0: only the before/after grid at the end)")
+    num_images: int = option(2, "images per prompt; image k uses seed + k, the same at every validation")
+    seed: int = option(0, "seed of the first image of each prompt")
+    steps: int = option(25, "sampler steps per validation image")
+    guidance: float = option(7.5, "classifier-free guidance scale for validation images")
+    scheduler: str = option("dpm++", "sampler for validation images: dpm++, ddim, euler, euler_a, pndm or default")
+    before_after: bool = option(True, "at the end, a grid of base-model vs LoRA images with the same seeds")
+
+    def __post_init__(self):
+        check(self.every >= 0, "validation.every", "must be 0 or more")
+        check(self.num_images >= 1, "validation.num_images", "must be at least 1")
+        check(self.steps >= 1, "validation.steps", "must be at least 1")
+
+
+@dataclasses.dataclass
+class DreamBoothConfig:
+    """A DreamBooth-LoRA recipe's config: every section; a recipe's Config subclasses it with its own defaults."""
+    model: ModelConfig = option(ModelConfig(), "the base model")
+    data: DataConfig = option(DataConfig(), "subject photos and prompts")
+    prior: PriorConfig = option(PriorConfig(), "prior preservation with class images")
+    lora: LoraConfig = option(LoraConfig(), "where LoRA goes and its size")
+    train: TrainConfig = option(TrainConfig(), "the optimisation")
+    loss: LossConfig = option(LossConfig(), "loss weighting and noise options")
+    validation: ValidationConfig = option(ValidationConfig(), "images drawn while training")
+    export: ExportConfig = option(ExportConfig(), "extra export formats, model card and Hub upload")
+    output_dir: str = option("runs/dreambooth-lora", "checkpoints, TensorBoard logs and the exported LoRA go here")

@@ -19,12 +19,13 @@ SCHEDULERS = {
 }
 
 
-def set_scheduler(pipe, name: str) -> None:
-    """Swap the pipeline's sampler by name ('default' keeps the model's own); the noise schedule is kept."""
+def set_scheduler(pipe, name: str, key: str = "scheduler") -> None:
+    """Swap the pipeline's sampler by name ('default' keeps the model's own); the noise schedule is kept.
+    An unknown name is a one-line error naming `key`, the option it came from."""
     if name == "default":
         return
     if name not in SCHEDULERS:
-        raise FinetuneError(f"scheduler {name!r} is unknown; choose default or one of {', '.join(SCHEDULERS)}")
+        raise FinetuneError(f"{key}: {name!r} is unknown; choose default or one of {', '.join(SCHEDULERS)}")
     cls, extra = SCHEDULERS[name]
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
 
@@ -63,8 +64,10 @@ def device_and_dtype(device: str | None = None) -> tuple[str, torch.dtype]:
 @torch.no_grad()
 def generate(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: int = 25,
              guidance: float = 7.5, resolution: int | None = None, batch_size: int = 4,
-             progress: bool = True) -> list[Image.Image]:
-    """`num_images` images per prompt; image k of a prompt always uses seed + k, so runs compare 1:1."""
+             progress: bool = True, **pipe_kwargs) -> list[Image.Image]:
+    """`num_images` images per prompt; image k of a prompt always uses seed + k, so runs compare 1:1.
+
+    `pipe_kwargs` go to the pipeline call (output_type="latent" returns latents instead of images)."""
     jobs = [(prompt, seed + k) for prompt in prompts for k in range(num_images)]
     size = {"height": resolution, "width": resolution} if resolution else {}
     device = pipe._execution_device
@@ -73,7 +76,7 @@ def generate(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps
         chunk = jobs[start:start + batch_size]
         generators = [torch.Generator(device).manual_seed(s) for _, s in chunk]
         images += pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=generators, **size).images
+                       generator=generators, **size, **pipe_kwargs).images
         if progress:
             print(f"generated {len(images)}/{len(jobs)} images", flush=True)
     return images

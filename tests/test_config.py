@@ -12,7 +12,8 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "recipes" / "configs"
 
 def test_there_are_shipped_configs():
     names = {p.name for p in CONFIGS}
-    assert {"sd15_dreambooth_lora.yaml", "sd21_dreambooth_lora.yaml", "demo_tiny.yaml"} <= names
+    assert {"sd15_dreambooth_lora.yaml", "sd21_dreambooth_lora.yaml", "demo_tiny.yaml",
+            "sdxl_dreambooth_lora.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -39,6 +40,9 @@ def test_sd15_defaults_match_the_issue():
     assert cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     _, cfg = load_recipe_config(str(CONFIGS[0].parent / "sd21_dreambooth_lora.yaml"), [])
     assert cfg.train.resolution == 768
+    _, cfg = load_recipe_config(str(CONFIGS[0].parent / "sdxl_dreambooth_lora.yaml"), [])
+    assert cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0" and cfg.train.resolution == 1024
+    assert cfg.data.buckets and not load_recipe_config(None, [])[1].data.buckets  # on for SDXL, off for SD1.x
 
 
 def test_dotted_overrides_are_typed():
@@ -87,6 +91,9 @@ def test_show_config_docs_cover_every_field(run_cli):
     for key, _, doc in config_lib.field_docs(load_recipe_config(None, [])[0].Config):
         assert doc, f"{key} has no doc"
         assert key in out
+    code, out, _ = run_cli("show-config", "--docs", str(CONFIGS[0].parent / "sdxl_dreambooth_lora.yaml"))
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()}
+    assert rows["train.resolution"] == "1024" and rows["data.buckets"] == "True"  # the SDXL recipe's defaults
 
 
 LAUNCH_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "examples").glob("accelerate_*.yaml"))

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from finetune.config import field_docs
-from recipes.dreambooth_lora import Config
+from recipes import dreambooth_lora, sdxl_dreambooth_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,5 +15,6 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_documents_every_config_key():
     readme = (ROOT / "README.md").read_text()
-    missing = [key for key, _, _ in field_docs(Config) if f"`{key}`" not in readme]
+    keys = [key for recipe in (dreambooth_lora, sdxl_dreambooth_lora) for key, _, _ in field_docs(recipe.Config)]
+    missing = [key for key in keys if f"`{key}`" not in readme]
     assert not missing, f"README's config reference lacks {missing}"

@@ -63,7 +63,7 @@ def generate_class_images(pipe, folder: str | Path, prompt: str, prior: PriorCon
     todo = list(indices) if indices is not None else missing_class_indices(folder, prior.num_class_images)
     if not todo:
         return 0
-    set_scheduler(pipe, prior.generation_scheduler)
+    set_scheduler(pipe, prior.generation_scheduler, "prior.generation_scheduler")
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(todo), desc=f"class images ({prompt!r})", unit="img")
     # PNG encoding runs on a second thread while the GPU draws the next batch.

@@ -1,33 +1,55 @@
 """The subject dataset: instance and class examples, a resumable sampling order, and the encoded batch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-
-import hashlib
+from typing import Callable
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from ..errors import FinetuneError
-from .images import list_images, open_rgb, read_caption, resize_and_crop, to_tensor
+from .buckets import Size, bucket_batch
+from .captions import batch_prompts, example_prompt, find_caption
+from .images import list_images, open_rgb, resize_and_crop, to_tensor
 
-INSTANCE_STREAM, CLASS_STREAM, AUGMENT_STREAM, NOISE_STREAM = 1, 2, 3, 10
+INSTANCE_STREAM, CLASS_STREAM, AUGMENT_STREAM, CAPTION_STREAM, NOISE_STREAM = 1, 2, 3, 4, 10
 
 
 @dataclass(frozen=True)
 class Example:
-    path: Path
+    path: Path | str                  # the photo, or `dataset[row]` for a row of a `datasets` dataset
     prompt: str
+    loader: Callable[[], Image.Image] | None = field(default=None, compare=False, repr=False)
+
+    def open(self) -> Image.Image:
+        return self.loader() if self.loader is not None else open_rgb(self.path)
 
 
 def instance_examples(data: DataConfig) -> list[Example]:
-    """Every photo of the subject, captioned by its caption file or else by the instance prompt."""
+    """Every photo of the subject (a folder, or data.dataset), prompted by its caption with the trigger phrase,
+    or else by the instance prompt."""
+    if data.dataset:
+        if data.instance_dir:
+            raise FinetuneError("data.dataset and data.instance_dir are both set; keep one of them")
+        return dataset_examples(data)
     paths = list_images(data.instance_dir, "data.instance_dir")
     # Decoding every photo up front (fail now, not 300 steps in) is data.screening's job.
-    return [Example(p, read_caption(p, data.caption_extension) or data.instance_prompt) for p in paths]
+    return [Example(p, example_prompt(find_caption(p, data.caption_extension), data.instance_prompt,
+                                      data.trigger, f"{p}'s caption")) for p in paths]
+
+
+def dataset_examples(data: DataConfig) -> list[Example]:
+    from .hf_dataset import dataset_rows, row_image
+
+    dataset, rows = dataset_rows(data.dataset, data.dataset_split, data.image_column, data.caption_column)
+    return [Example(f"{data.dataset}[{i}]", example_prompt(caption, data.instance_prompt, data.trigger,
+                                                           f"data.dataset row {i}'s caption"),
+                    lambda i=i: row_image(dataset, i, data.image_column)) for i, caption in rows]
 
 
 def class_examples(class_dir: str, prompt: str, count: int) -> list[Example]:
@@ -66,27 +88,41 @@ class BatchPlan:
     flips: list[bool]     # one per sample, instance samples first
     crops: list[tuple[float, float]]  # relative crop corners, one per sample
     positions: list[int]  # the samples' places in the run's one global sample order
+    size: Size | None = None  # (width, height) of every sample in the batch with buckets; None: the square resolution
 
 
 def plan_batch(seed: int, micro_step: int, batch_size: int, num_instance: int, repeats: int, num_class: int,
                random_flip: bool, random_crop: bool, rank: int = 0, world_size: int = 1,
-               offset: int = 0) -> BatchPlan:
+               offset: int = 0, buckets: list[Size] | None = None) -> BatchPlan:
     """Which samples micro-step `micro_step` (counted from sample `offset`) trains on: a pure function, so resumable.
 
     The run has one global order of sample positions; micro-step m of process `rank` takes positions
     offset + (m x world_size + rank) x batch_size onwards, so processes never share a sample, and 2 processes x
     batch 1 take the same samples per step as 1 process x batch 2. Flips and crops depend on the position only.
+
+    With `buckets` (each instance example's size), the global order is one of whole batches, each from one bucket:
+    position p is slot p % batch_size of bucketed batch p // batch_size, so a process's batch_size positions are
+    always one such batch (its size is the plan's `size`), whatever the process count.
     """
     first = offset + (micro_step * world_size + rank) * batch_size
     positions = list(range(first, first + batch_size))
-    instance = [stream_index(seed, INSTANCE_STREAM, p, num_instance * repeats) % num_instance for p in positions]
+    size = None
+    if buckets:
+        if offset % batch_size:
+            raise FinetuneError(f"train.batch_size: this run has seen {offset} samples, not a multiple of "
+                                f"batch_size={batch_size}; resume a run with data.buckets at the batch size it "
+                                "was saved with")
+        instance, size = bucket_batch(seed, first // batch_size, buckets, batch_size, repeats)
+    else:
+        instance = [stream_index(seed, INSTANCE_STREAM, p, num_instance * repeats) % num_instance
+                    for p in positions]
     classes = [stream_index(seed, CLASS_STREAM, p, num_class) for p in positions] if num_class else []
     draws = [torch.rand(6, generator=step_generator(seed, AUGMENT_STREAM, p)).tolist() for p in positions]
     # Per position: (instance flip, class flip, instance corner x/y, class corner x/y).
     flips = [d[0] < 0.5 for d in draws] + ([d[1] < 0.5 for d in draws] if num_class else [])
     corners = [(d[2], d[3]) for d in draws] + ([(d[4], d[5]) for d in draws] if num_class else [])
     return BatchPlan(instance, classes, flips if random_flip else [False] * len(flips),
-                     corners if random_crop else [(0.5, 0.5)] * len(corners), positions)
+                     corners if random_crop else [(0.5, 0.5)] * len(corners), positions, size)
 
 
 def sample_generators(seed: int, plan: BatchPlan, device="cpu") -> list[torch.Generator]:
@@ -96,38 +132,72 @@ def sample_generators(seed: int, plan: BatchPlan, device="cpu") -> list[torch.Ge
     return [step_generator(seed, NOISE_STREAM, k, device) for k in keys]
 
 
-def cache_keys(plans: list[BatchPlan], num_instance: int) -> set[tuple[int, bool]]:
-    """The (example, flip) pairs these plans read: what one process's share of the run needs encoded."""
-    return {(i, f) for plan in plans
+def plan_prompts(seed: int, plan: BatchPlan, examples: list[Example], num_instance: int, data: DataConfig
+                 ) -> list[str]:
+    """This micro-step's prompts, instance samples first: each photo's prompt with caption dropout and tag
+    shuffling drawn from a generator keyed by the sample's position (as the noise is), class prompts as they are."""
+    prompts = [examples[i].prompt for i in plan.instance] + [examples[num_instance + c].prompt for c in plan.classes]
+    generators = [step_generator(seed, CAPTION_STREAM, p) for p in plan.positions[:len(plan.instance)]] \
+        if data.caption_dropout or data.shuffle_tags else []
+    return batch_prompts(prompts, len(plan.instance), data.caption_dropout, data.shuffle_tags, data.keep_tags,
+                         generators)
+
+
+def cache_keys(plans: list[BatchPlan], num_instance: int) -> set[tuple[int, bool, Size | None]]:
+    """The (example, flip, size) triples these plans read: what one process's share of the run needs encoded.
+
+    With buckets a class image is read at the size of each batch it joins, so only at the buckets it meets."""
+    return {(i, f, plan.size) for plan in plans
             for i, f in zip(plan.instance + [num_instance + c for c in plan.classes], plan.flips)}
 
 
-def load_pixels(example: Example, resolution: int, flip: bool, corner: tuple[float, float]) -> torch.Tensor:
-    image, _ = resize_and_crop(open_rgb(example.path), resolution, resolution, corner)
+Geometry = tuple[int, int, int, int, int, int]  # original (h, w), crop top-left (top, left), target (h, w)
+
+
+def load_pixels(example: Example, size: Size, flip: bool, corner: tuple[float, float]
+                ) -> tuple[torch.Tensor, Geometry]:
+    """The example resized and cropped to size (width, height), and where the crop came from (SDXL's
+    conditioning; for a flipped crop, the corner it has in the flipped image)."""
+    original = example.open()
+    width, height = size
+    image, (top, left) = resize_and_crop(original, width, height, corner)
     pixels = to_tensor(image)
-    return pixels.flip(-1) if flip else pixels
+    if flip:
+        resized_w = max(width, round(original.width * max(width / original.width, height / original.height)))
+        pixels, left = pixels.flip(-1), resized_w - width - left
+    return pixels, (original.height, original.width, top, left, height, width)
 
 
 class LatentSource:
-    """VAE latents of examples; with `cache`, each (example, flip) is encoded once and its distribution kept.
+    """VAE latents of examples; with `cache`, each (example, flip, size) is encoded once and its distribution kept.
 
-    `keys` limits the cache to the (example, flip) pairs a process will read (its share); default: all of them.
+    `keys` limits the cache to the (example, flip, size) triples a process will read (its share, see cache_keys);
+    a size of None is the square training resolution. Default: every example and flip at that resolution.
     """
 
     def __init__(self, vae, examples: list[Example], resolution: int, cache: bool, flips: bool, device,
-                 keys: set[tuple[int, bool]] | None = None):
+                 keys: set[tuple[int, bool, Size | None]] | None = None):
         self.vae, self.examples, self.resolution, self.device = vae, examples, resolution, device
         self.scale = vae.config.scaling_factor
         self.shift = getattr(vae.config, "shift_factor", None) or 0.0
-        self.cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache: dict[tuple[int, bool, Size], tuple[torch.Tensor, torch.Tensor, Geometry]] = {}
         if cache:
-            every = [(i, f) for i in range(len(examples)) for f in ((False, True) if flips else (False,))]
+            if keys is None:
+                keys = {(i, f, None) for i in range(len(examples)) for f in ((False, True) if flips else (False,))}
+            todo = sorted({(i, f, self.size(s)) for i, f, s in keys})
             # One image per VAE call: a latent must not depend on which others share its batch (float results
             # do), or a process's share, or a resumed run, would encode the same photo slightly differently.
-            for i, f in tqdm([k for k in every if keys is None or k in keys], desc="caching latents", leave=False,
-                             disable=len(every) <= 8):
-                mean, std = self._encode([load_pixels(examples[i], resolution, f, (0.5, 0.5))])
-                self.cache[(i, f)] = (mean[0], std[0])
+            for i, f, size in tqdm(todo, desc="caching latents", leave=False, disable=len(todo) <= 8):
+                mean, std, geometry = self._load_and_encode([i], [f], [(0.5, 0.5)], size)
+                self.cache[(i, f, size)] = (mean[0], std[0], geometry[0])
+
+    def size(self, size: Size | None) -> Size:
+        return size or (self.resolution, self.resolution)
+
+    def _load_and_encode(self, indices, flips, corners, size: Size):
+        loaded = [load_pixels(self.examples[i], size, f, c) for i, f, c in zip(indices, flips, corners)]
+        mean, std = self._encode([pixels for pixels, _ in loaded])
+        return mean, std, [geometry for _, geometry in loaded]
 
     @torch.no_grad()
     def _encode(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,39 +205,56 @@ class LatentSource:
         dist = self.vae.encode(batch).latent_dist
         return dist.mean.float(), dist.std.float()
 
-    def sample(self, indices: list[int], flips: list[bool], corners, generators: list[torch.Generator]) -> torch.Tensor:
-        """Draw latents (already scaled for the U-Net) for the given examples, sample k's noise from generators[k]."""
+    def sample(self, indices: list[int], flips: list[bool], corners, generators: list[torch.Generator],
+               size: Size | None = None) -> torch.Tensor:
+        """Draw latents (already scaled for the U-Net) for the given examples, all at one size (None: square);
+        sample k's noise from generators[k]."""
+        return self.sample_with_geometry(indices, flips, corners, generators, size)[0]
+
+    def sample_with_geometry(self, indices: list[int], flips: list[bool], corners,
+                             generators: list[torch.Generator], size: Size | None = None
+                             ) -> tuple[torch.Tensor, list[Geometry]]:
+        """Latents and, per sample, (original h, w, crop top, left, target h, w): SDXL's size conditioning."""
+        size = self.size(size)
         if self.cache:
-            mean = torch.stack([self.cache[(i, f)][0] for i, f in zip(indices, flips)])
-            std = torch.stack([self.cache[(i, f)][1] for i, f in zip(indices, flips)])
+            rows = [self.cache[(i, f, size)] for i, f in zip(indices, flips)]
+            mean, std = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+            geometry = [r[2] for r in rows]
         else:
-            mean, std = self._encode([load_pixels(self.examples[i], self.resolution, f, c)
-                                      for i, f, c in zip(indices, flips, corners)])
+            mean, std, geometry = self._load_and_encode(indices, flips, corners, size)
         noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g, device=mean.device) for g in generators])
-        return (mean + std * noise - self.shift) * self.scale
+        return (mean + std * noise - self.shift) * self.scale, geometry
 
 
 class PromptEmbeddings:
-    """Text-encoder outputs for prompts; computed once per prompt when the encoder is frozen and `cache` is on."""
+    """Text-encoder outputs for prompts; computed once per prompt when the encoder is frozen and `cache` is on.
+
+    `encode` may return one tensor or a tuple of them (SDXL: embeddings and pooled embeddings); both cache.
+    """
 
     def __init__(self, tokenizer, text_encoder, prompts: list[str], cache: bool, device):
         self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
-        self.cache: dict[str, torch.Tensor] = {}
+        self.cache: dict[str, torch.Tensor | tuple[torch.Tensor, ...]] = {}
         if cache:
             unique = sorted(set(prompts))
             with torch.no_grad():
                 for start in range(0, len(unique), 16):
                     chunk = unique[start:start + 16]
-                    self.cache.update(zip(chunk, self.encode(chunk)))
+                    out = self.encode(chunk)
+                    self.cache.update(zip(chunk, zip(*out) if isinstance(out, tuple) else out))
 
-    def token_ids(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+    def token_ids(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
+        tokenizer = tokenizer or self.tokenizer
+        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder(self.token_ids(prompts).to(self.device))[0]
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str]):
         if self.cache:
-            return torch.stack([self.cache[p] for p in prompts])
+            rows = [self.cache[p] for p in prompts]
+            if isinstance(rows[0], tuple):
+                return tuple(torch.stack(column) for column in zip(*rows))
+            return torch.stack(rows)
         return self.encode(prompts)

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 from ..config import ExportConfig
+from ..training.validation import BEFORE_AFTER, SAMPLES
 from .convert import export_kohya
 from .diffusers_format import WEIGHT_NAME
 from .hub import push_to_hub
@@ -20,8 +21,10 @@ def kohya_file_name(output_dir: str | Path) -> str:
 
 
 def sample_grid(output_dir: Path) -> str | None:
-    """The newest sample grid under output_dir (samples/**/grid*.png), relative to output_dir, if any."""
-    grids = sorted(output_dir.glob("samples/**/grid*.png"), key=lambda p: p.stat().st_mtime)
+    """The validation grid to show, relative to output_dir: the base-vs-LoRA grid of the run's end, else the
+    newest grid drawn while training (samples/step-N.png); None for a run without validation prompts."""
+    final = output_dir / SAMPLES / BEFORE_AFTER
+    grids = [final] if final.is_file() else sorted((output_dir / SAMPLES).glob("step-*.png"))
     return grids[-1].relative_to(output_dir).as_posix() if grids else None
 
 

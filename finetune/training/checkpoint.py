@@ -128,6 +128,15 @@ def read_progress(path: Path) -> dict:
     return json.loads((path / PROGRESS).read_text())
 
 
+def resume_point(checkpoint: Path | None, samples_per_step: int) -> tuple[int, int]:
+    """(optimizer steps done, samples seen) at the checkpoint; (0, 0) for a fresh run. A checkpoint without a
+    sample count (written before it was recorded) saw step x samples_per_step samples."""
+    if checkpoint is None:
+        return 0, 0
+    progress = read_progress(checkpoint)
+    return progress["step"], progress.get("samples", progress["step"] * samples_per_step)
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path) -> int:
     """Restore everything save_checkpoint wrote; return the step to continue from.
 

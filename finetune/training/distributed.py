@@ -15,8 +15,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from ..config import TrainConfig
-from ..data.class_images import missing_class_indices
+from ..config import DataConfig, PriorConfig, TrainConfig
+from ..data.class_images import generate_class_images, generation_dtype, missing_class_indices
+from ..data.dataset import Example, class_examples
 from ..errors import FinetuneError
 from ..lora import lora_state
 
@@ -33,6 +34,28 @@ def class_image_share(accelerator: Accelerator, folder: str | Path, wanted: int)
     if accelerator.num_processes > 1:
         broadcast_object_list(missing, from_process=0)
     return missing[0], missing[0][accelerator.process_index::accelerator.num_processes]
+
+
+def ensure_class_images(accelerator: Accelerator, pipe, data: DataConfig, prior: PriorConfig, resolution: int,
+                        seed: int) -> list[Example]:
+    """Generate the missing class images, each process its share; all wait until the set is complete. Returns
+    the class examples to train with (none when prior.num_class_images is 0: prior preservation off)."""
+    if not prior.num_class_images:
+        return []
+    if not data.class_dir:
+        raise FinetuneError("data.class_dir is not set; prior preservation (prior.num_class_images > 0) needs a "
+                            "folder for class images, or set prior.num_class_images=0")
+    if not data.class_prompt.strip():
+        raise FinetuneError("data.class_prompt is empty; describe the class, e.g. 'a photo of a dog'")
+    missing, share = class_image_share(accelerator, data.class_dir, prior.num_class_images)
+    if missing:
+        pipe.to(accelerator.device, generation_dtype(accelerator.device, accelerator.mixed_precision))
+        generate_class_images(pipe, data.class_dir, data.class_prompt, prior, resolution, seed, accelerator.device,
+                              share)
+    accelerator.wait_for_everyone()
+    if missing:
+        report_class_images(accelerator, data.class_dir, prior.num_class_images, share)
+    return class_examples(data.class_dir, data.class_prompt, prior.num_class_images)
 
 
 def report_class_images(accelerator: Accelerator, folder: str | Path, wanted: int, share: list[int]) -> None:

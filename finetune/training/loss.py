@@ -16,24 +16,58 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
 
 
 def prior_preservation_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance: int,
-                            prior_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """MSE on the instance samples + prior_weight x MSE on the class samples that follow them in the batch."""
+                            prior_weight: float, weights: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """MSE on the instance samples + prior_weight x MSE on the class samples that follow them in the batch.
+
+    `weights` (one per sample, e.g. min-SNR) scale each sample's MSE before the means.
+    """
     prediction, target = prediction.float(), target.float()
-    instance = F.mse_loss(prediction[:num_instance], target[:num_instance])
+
+    def mse(part: slice) -> torch.Tensor:
+        if weights is None:
+            return F.mse_loss(prediction[part], target[part])
+        per_sample = ((prediction[part] - target[part]) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+        return (per_sample * weights[part].float()).mean()
+
+    instance = mse(slice(0, num_instance))
     if prediction.shape[0] == num_instance:
         return instance, {"instance_loss": instance.detach()}
-    prior = F.mse_loss(prediction[num_instance:], target[num_instance:])
+    prior = mse(slice(num_instance, None))
     return instance + prior_weight * prior, {"instance_loss": instance.detach(), "prior_loss": prior.detach()}
 
 
-def add_noise(scheduler, latents: torch.Tensor, generators: list[torch.Generator]):
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), one per sample, for the scheduler's prediction type.
+
+    SNR(t) = abar_t / (1 - abar_t). The MSE on x0 weighted by min(SNR, gamma) becomes, on the network's
+    target: min(SNR, gamma) / SNR for epsilon, and min(SNR, gamma) / (SNR + 1) for v.
+    """
+    abar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
+    snr = abar / (1 - abar)
+    clipped = snr.clamp(max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (clipped / snr).float()
+    if kind == "v_prediction":
+        return (clipped / (snr + 1)).float()
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def add_noise(scheduler, latents: torch.Tensor, generators: list[torch.Generator], noise_offset: float = 0.0):
     """Noise the latents, sample k's noise and timestep drawn from generators[k]: (noisy, noise, timesteps).
 
-    One generator per sample, so a sample gets the same draws whatever batch (or process) it lands in.
+    One generator per sample, so a sample gets the same draws whatever batch (or process) it lands in. A noise
+    offset adds noise_offset x one normal draw per channel (constant over the image, drawn after the timestep
+    from the sample's generator), so the model can learn to change an image's mean brightness.
     """
     shape, device, count = (1, *latents.shape[1:]), latents.device, scheduler.config.num_train_timesteps
     noise = torch.cat([torch.randn(shape, generator=g, device=device, dtype=latents.dtype) for g in generators])
     timesteps = torch.cat([torch.randint(0, count, (1,), generator=g, device=device) for g in generators])
+    if noise_offset:
+        offset = torch.cat([torch.randn((1, latents.shape[1], 1, 1), generator=g, device=device, dtype=latents.dtype)
+                            for g in generators])
+        noise = noise + noise_offset * offset
     return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 
@@ -43,3 +77,20 @@ def denoising_loss(unet, scheduler, latents, embeddings, noise, timesteps) -> fl
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, embeddings).sample
     return F.mse_loss(prediction.float(), diffusion_target(scheduler, latents, noise, timesteps).float()).item()
+
+
+def batch_loss(noise_scheduler, latents, plan, num_instance: int, prior_weight: float, options,
+               generators: list[torch.Generator], predict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DreamBooth's loss on one planned micro-batch (instance samples, then class samples, all at the plan's size).
+
+    Sample k draws its latent noise, diffusion noise and timestep from generators[k]. `predict(noisy, timesteps,
+    geometry)` is the model's prediction; geometry is each sample's (original h, w, crop top, left, target h, w),
+    which SDXL conditions on. `options` (loss.*) add the noise offset and min-SNR-gamma weighting.
+    """
+    indices = plan.instance + [num_instance + i for i in plan.classes]
+    clean, geometry = latents.sample_with_geometry(indices, plan.flips, plan.crops, generators, plan.size)
+    noisy, noise, timesteps = add_noise(noise_scheduler, clean, generators, options.noise_offset)
+    prediction = predict(noisy, timesteps, geometry)
+    target = diffusion_target(noise_scheduler, clean, noise, timesteps)
+    weights = min_snr_weights(noise_scheduler, timesteps, options.snr_gamma) if options.snr_gamma else None
+    return prior_preservation_loss(prediction, target, len(plan.instance), prior_weight, weights)

@@ -49,6 +49,13 @@ def graphs_usable(requested: bool, device: torch.device, num_processes: int, lor
     return True
 
 
+def training_unet_call(unet, dtype: torch.dtype, cfg, accelerator) -> "UNetForward":
+    """The recipe's U-Net call: CUDA graphs where train.cuda_graphs asks for them and this run allows them."""
+    train = cfg.train
+    return UNetForward(unet, dtype, graphs_usable(train.cuda_graphs, accelerator.device, accelerator.num_processes,
+                                                  cfg.lora.dropout, train.gradient_accumulation))
+
+
 class UNetForward:
     """Call as forward(noisy, timesteps, embeddings, *added) -> prediction.
 

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from finetune.cli import load_recipe_config
 from finetune.training.distributed import state_digest
-from recipes import dreambooth_lora
-from tests.helpers import tiny_overrides
+from recipes import dreambooth_lora, sdxl_dreambooth_lora
+from tests.helpers import SDXL, add_wide_photo, sdxl_overrides, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 SD15 = "recipes/configs/sd15_dreambooth_lora.yaml"
@@ -96,3 +96,28 @@ def test_two_processes_split_class_images_and_train_like_one_process_with_twice_
     assert "at step 2 (4 samples seen)" in caplog.text
     assert_states_close(lora_states(resumed / "checkpoints" / "step-000004"),
                         lora_states(tmp_path / "one" / "checkpoints" / "step-000004"))
+
+
+def test_two_processes_take_whole_buckets_and_train_sdxl_like_one_process_accumulating_two(
+        tiny_sdxl, photos, tmp_path):
+    """With buckets every process's batch is one bucketed batch of the global order, so 2 processes x batch 2
+    train what 1 process x batch 2 x accumulation 2 does: the same batches, noise, captions and mean gradient.
+
+    Only float summation differs (all-reduce against accumulation), and Adam's first steps divide by |g| + eps, so
+    entries with near-zero gradients move by up to ~1% of a step (lr 1e-3) apart; a wrong batch would move
+    every entry by a whole step."""
+    add_wide_photo(photos)
+    Image.open(photos / "cat_1.jpg").resize((240, 80)).save(photos / "wide_2.jpg")  # the wide bucket holds two
+    overrides = sdxl_overrides(tiny_sdxl, photos, tmp_path, **{
+        "train.max_steps": 2, "data.random_flip": "true", "data.caption_dropout": 0.3, "export.kohya": "false",
+        "lora.unet_targets": "cross_attention"})
+    two = launch("-m", "finetune", "train", SDXL, *overrides, f"output_dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "photos: 7 used" in two.stderr
+    _, cfg = load_recipe_config(SDXL, [*overrides, f"output_dir={tmp_path / 'one'}", "train.gradient_accumulation=2"])
+    sdxl_dreambooth_lora.main(cfg)
+    one, two = (load_file(tmp_path / run / "checkpoints" / "step-000002" / "lora_0.safetensors")
+                for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=0, atol=1e-5, msg=key)

@@ -65,7 +65,7 @@ def test_each_sample_draws_the_same_noise_however_the_batch_is_split():
 def test_a_process_caches_only_the_photos_its_share_reads():
     share = [ranks[0] for ranks in plans(2, 1, 2, num_instance=20, repeats=1, num_class=0, random_flip=False)]
     keys = cache_keys(share, 20)
-    assert keys == {(p.instance[0], False) for p in share} and len(keys) == 2
+    assert keys == {(p.instance[0], False, None) for p in share} and len(keys) == 2  # None: the square size
 
 
 def test_missing_class_indices_fill_gaps_and_count_other_images(tmp_path):

@@ -42,7 +42,7 @@ class SpyUNet(torch.nn.Module):
     def forward(self, noisy, timesteps, embeddings):
         out = self.unet(noisy, timesteps, embeddings)
         self.calls.append((noisy, timesteps, embeddings, out.sample))
-        return out
+        return out.sample
 
 
 def test_recipe_batch_pairs_instances_with_class_prompt_and_loss_matches_hand(tiny_sd1, photos, tmp_path):

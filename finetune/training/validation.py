@@ -1,0 +1,122 @@
+"""Validation images while training: fixed prompts and seeds, a grid per validation, base vs LoRA at the end.
+
+The images come from the training pipeline itself (the same U-Net and text encoders, LoRA in place), so what is
+drawn is what would be exported. Drawing must not change training: it runs with its own seeded generators, on
+a forked global RNG, and puts every module back on the device it came from.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ValidationConfig
+from ..data.images import image_grid, to_image
+from ..inference import generate, set_scheduler
+
+log = logging.getLogger("finetune")
+SAMPLES, BEFORE_AFTER = "samples", "before_after.png"
+
+
+class Validator:
+    """Draws cfg.prompts with the training pipeline; `lora_models` are the modules carrying LoRA."""
+
+    def __init__(self, cfg: ValidationConfig, accelerator, pipe, lora_models: list, output_dir: str | Path,
+                 resolution: int):
+        self.cfg, self.accelerator, self.pipe, self.lora_models = cfg, accelerator, pipe, lora_models
+        self.folder, self.resolution = Path(output_dir) / SAMPLES, resolution
+        if cfg.prompts:
+            set_scheduler(pipe, cfg.scheduler, "validation.scheduler")
+            pipe.set_progress_bar_config(disable=True)
+
+    def due(self, step: int) -> bool:
+        return bool(self.cfg.prompts and self.cfg.every and step % self.cfg.every == 0)
+
+    def validate(self, step: int) -> Path | None:
+        """Grid of every prompt (rows) x seed (columns) at this step: samples/step-N.png and TensorBoard."""
+        if not self.cfg.prompts:
+            return None
+        path = None
+        if self.accelerator.is_main_process:
+            grid = image_grid(self.draw(), rows=len(self.cfg.prompts))
+            path = self.save(grid, f"step-{step:06d}.png", "validation", step)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def before_after(self, step: int) -> Path | None:
+        """Base model and LoRA, same prompts and seeds: for each prompt a base row, then a LoRA row."""
+        if not (self.cfg.prompts and self.cfg.before_after):
+            return None
+        path = None
+        if self.accelerator.is_main_process:
+            with lora_disabled(self.lora_models):
+                base = self.draw()
+            lora = self.draw()
+            n = self.cfg.num_images
+            rows = [image for p in range(len(self.cfg.prompts))
+                    for image in base[p * n:(p + 1) * n] + lora[p * n:(p + 1) * n]]
+            path = self.save(image_grid(rows, rows=2 * len(self.cfg.prompts)), BEFORE_AFTER, "before_after",
+                             step)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    @torch.no_grad()
+    def draw(self) -> list:
+        """cfg.num_images images per prompt; image k from seed + k. The VAE decodes in fp32 (SDXL's overflows
+        in fp16), so the pipeline stops at latents."""
+        device = self.accelerator.device
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), on_device(self.pipe, device), self.accelerator.autocast():
+            latents = generate(self.pipe, self.cfg.prompts, self.cfg.num_images, self.cfg.seed, self.cfg.steps,
+                               self.cfg.guidance, self.resolution, progress=False, output_type="latent")
+            vae = self.pipe.vae
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            images = []
+            for latent in latents:
+                latent = latent[None].to(device, torch.float32) / vae.config.scaling_factor + shift
+                with torch.autocast(device.type, enabled=False):
+                    images.append(to_image(vae.decode(latent.to(vae.dtype)).sample[0]))
+        return images
+
+    def save(self, grid, name: str, tag: str, step: int) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / name
+        grid.save(path)
+        try:
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        except (ValueError, KeyError, AttributeError):
+            writer = None
+        if writer is not None and hasattr(writer, "add_image"):
+            writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
+            writer.flush()
+        log.info("validation images: %s", path)
+        return path
+
+
+@contextlib.contextmanager
+def lora_disabled(models: list):
+    """The base model: every LoRA adapter switched off, and on again afterwards."""
+    for model in models:
+        model.disable_adapters()
+    try:
+        yield
+    finally:
+        for model in models:
+            model.enable_adapters()
+
+
+@contextlib.contextmanager
+def on_device(pipe, device):
+    """Move the pipeline's modules to `device` (keeping their dtypes), and back to where each was afterwards."""
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    places = [next(m.parameters()).device for m in modules]
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, place in zip(modules, places):
+            module.to(place)
