@@ -31,20 +31,35 @@ def sd_vae(scaling_factor: float, size: int) -> AutoencoderKL:
                          up_block_types=("UpDecoderBlock2D",) * 4, sample_size=size, scaling_factor=scaling_factor)
 
 
-def build_sd15(folder: str | Path) -> Path:
-    torch.manual_seed(0)
-    tokenizer = tiny_tokenizer()
-    eos = len(tokenizer) - 1
+def sd15_models(eos: int) -> dict:
     unet = UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
         attention_head_dim=8, cross_attention_dim=768, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    return {"unet": unet, "vae": sd_vae(0.18215, 512),
+            "text_encoder": CLIPTextModel(clip_text_config(768, 12, 12, "quick_gelu", eos))}
+
+
+def sdxl_models(eos: int) -> dict:
+    unet = UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816)
+    return {"unet": unet, "vae": sd_vae(0.13025, 1024),
+            "text_encoder": CLIPTextModel(clip_text_config(768, 12, 12, "quick_gelu", eos)),
+            "text_encoder_2": CLIPTextModelWithProjection(clip_text_config(1280, 32, 20, "gelu", eos))}
+
+
+def build_sd15(folder: str | Path) -> Path:
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                               set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(
-        vae=sd_vae(0.18215, 512), text_encoder=CLIPTextModel(clip_text_config(768, 12, 12, "quick_gelu", eos)),
-        tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(**sd15_models(len(tokenizer) - 1), tokenizer=tokenizer, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     save_tokenizer(tokenizer, Path(folder) / "tokenizer")
     return Path(folder)
@@ -53,24 +68,23 @@ def build_sd15(folder: str | Path) -> Path:
 def build_sdxl(folder: str | Path) -> Path:
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
-    eos = len(tokenizer) - 1
-    unet = UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816).half()
+    models = {name: model.half() for name, model in sdxl_models(len(tokenizer) - 1).items()}
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(
-        vae=sd_vae(0.13025, 1024).half(),
-        text_encoder=CLIPTextModel(clip_text_config(768, 12, 12, "quick_gelu", eos)).half(),
-        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(1280, 32, 20, "gelu", eos)).half(),
-        tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler)
+    pipe = StableDiffusionXLPipeline(**models, tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(), scheduler=scheduler)
     pipe.save_pretrained(folder, safe_serialization=True)  # fp16 weights, like the published fp16 variant
     save_tokenizer(tokenizer, Path(folder) / "tokenizer")
     save_tokenizer(tokenizer, Path(folder) / "tokenizer_2")
+    return Path(folder)
+
+
+def write_configs(arch: str, folder: str | Path) -> Path:
+    """Only the models' config.json files (no weights, nothing allocated): what `finetune plan` reads."""
+    from accelerate import init_empty_weights
+    with init_empty_weights():
+        models = {"sd15": sd15_models, "sdxl": sdxl_models}[arch](CLIP_VOCAB - 1)
+    for name, model in models.items():
+        (model.save_config if hasattr(model, "save_config") else model.config.save_pretrained)(Path(folder) / name)
     return Path(folder)
 
 

@@ -135,6 +135,8 @@ def main():
     parser.add_argument("--profile", default="bf16_autocast_fused_adamw", help="variant to profile ('' for none)")
     parser.add_argument("--out", default="probe.json")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("probe_step.py times CUDA steps: run it on a machine with an NVIDIA GPU")
     results = []
     for name in args.variants.split(","):
         try:

@@ -87,8 +87,7 @@ MODES = {
     "custom": {},
     # Small batches are bound by kernel launches, not arithmetic: graphs remove the launches, bf16 without autocast
     # removes the per-op casts, fused AdamW steps every LoRA tensor in one kernel.
-    "fast": {"train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "optimizer": "adamw"},
-             "prior": {"generation_batch_size": 16}},  # the same class images (seeded per index), in fewer batches
+    "fast": {"train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "optimizer": "adamw"}},
     # Activations recomputed instead of stored, the frozen U-Net in 4 bits, 8-bit optimizer state.
     "low_memory": {"model": {"quantize_unet": "nf4"},
                    "train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True,

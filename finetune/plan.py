@@ -17,13 +17,15 @@ from pathlib import Path
 from .errors import FinetuneError
 
 MIB = 2**20
-CONTEXT_MIB = 700              # nvidia-smi minus torch's reserved peak: 695-855 MiB across the SD1.5 runs
-VAE_ENCODE_MIB_512 = 1170      # fp32 VAE encoder's working memory for one 512 px image
-# Activations kept for the backward pass, per sample at the reference resolution, without checkpointing
-# (bf16, SDPA); keyed by the U-Net's cross-attention width, which tells the families apart.
-ACTIVATIONS_MIB = {768: (1250, 512), 1024: (1250, 512), 2048: (7800, 1024)}
-CHECKPOINTED_FRACTION = 0.30   # activations left with gradient checkpointing (SD1.5 probe: 745 of 2470 MiB)
-DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
+CONTEXT_MIB = 700           # nvidia-smi minus torch's reserved peak: 695-855 MiB across the H100 runs
+VAE_ENCODE_MIB_512 = 1170   # the fp32 VAE encoder's working memory for one 512 px image
+GENERATE_MIB_512 = 1060     # drawing one class image at 512 px (two U-Net samples with guidance, then the decoder)
+# Activations kept for the backward pass, per sample: (without, with gradient checkpointing, at this many px),
+# bf16 with SDPA; keyed by the U-Net's cross-attention width, which tells the families apart. SD: the SD1.5 probe
+# (benchmarks/probe_step.py). SDXL with checkpointing: the issue's H100 probe (7.04 GiB at batch 2 with 4.78 GiB of
+# weights); without: that plus the 6.8 GB the peer saves by checkpointing at batch 2.
+ACTIVATIONS_MIB = {768: (1250, 372, 512), 1024: (1250, 372, 512), 2048: (4550, 1156, 1024)}
+HALF, FP32 = 2, 4
 
 
 @dataclasses.dataclass
@@ -74,27 +76,56 @@ def read_architecture(model_dir: str, unet_targets: str) -> Architecture:
         target_linear_shapes=[(m.in_features, m.out_features) for name, m in linears if pattern.fullmatch(name)])
 
 
-def estimate(arch: Architecture, train, model, lora, samples_per_step: int) -> dict:
+def unet_bytes(arch: Architecture, quantize: str, weight_bytes: int) -> float:
+    if quantize == "nf4":  # 4 bits per linear weight plus one fp32 scale per 64-weight block; the rest in bf16
+        return arch.unet_linear_params * (0.5 + 4 / 64) + (arch.unet_params - arch.unet_linear_params) * HALF
+    return arch.unet_params * weight_bytes
+
+
+def estimate(arch: Architecture, train, model, lora, samples_per_step: int, class_images_to_draw: int,
+             generation_batch: int) -> dict:
     """Peak MiB of each phase and of the run (as nvidia-smi would show it) for these settings."""
-    weight_bytes = DTYPE_BYTES[train.mixed_precision]
-    if model.quantize_unet == "nf4":  # 4 bits per linear weight plus one fp32 scale per 64-weight block
-        unet = arch.unet_linear_params * (0.5 + 4 / 64) + (arch.unet_params - arch.unet_linear_params) * 2
-    else:
-        unet = arch.unet_params * weight_bytes
+    weight_bytes = FP32 if train.mixed_precision == "no" else HALF
+    unet = unet_bytes(arch, model.quantize_unet, weight_bytes)
+    pixels = (train.resolution / 512) ** 2
+    phases = {}
+    if class_images_to_draw:  # the pipeline in half precision, a batch of images with guidance
+        batch = min(generation_batch, class_images_to_draw)
+        phases["class_images"] = (unet_bytes(arch, model.quantize_unet, HALF) + (arch.text_encoder_params +
+                                  arch.vae_params) * HALF + GENERATE_MIB_512 * pixels * batch * MIB)
+    encoders = arch.text_encoder_params * weight_bytes
+    phases["encoding"] = unet + encoders + arch.vae_params * FP32 + VAE_ENCODE_MIB_512 * pixels * MIB
+    without, with_checkpointing, reference_px = ACTIVATIONS_MIB.get(arch.cross_attention_dim, ACTIVATIONS_MIB[768])
+    per_sample = with_checkpointing if train.gradient_checkpointing else without
+    activations = per_sample * (train.resolution / reference_px) ** 2 * samples_per_step * MIB
     lora_params = sum(lora.rank * (i + o) for i, o in arch.target_linear_shapes)
-    state_bytes = 2 if train.optimizer == "adamw8bit" else 8
-    lora_total = lora_params * (4 + 4 + state_bytes)  # fp32 weights, fp32 gradients, optimizer state
-    per_sample_mib, reference_px = ACTIVATIONS_MIB.get(arch.cross_attention_dim, ACTIVATIONS_MIB[768])
-    activations = per_sample_mib * (train.resolution / reference_px) ** 2 * samples_per_step * MIB
-    if train.gradient_checkpointing:
-        activations *= CHECKPOINTED_FRACTION
-    text_encoders = arch.text_encoder_params * weight_bytes
-    encoders_resident = not (train.cache_text_embeddings and not lora.text_encoder)
-    vae_working = VAE_ENCODE_MIB_512 * (train.resolution / 512) ** 2 * MIB
-    encoding = unet + text_encoders + arch.vae_params * 4 + vae_working
-    training = unet + lora_total + activations + (text_encoders if encoders_resident else 0)
-    return {"encoding_mib": round(encoding / MIB), "training_mib": round(training / MIB),
-            "peak_mib": round(max(encoding, training) / MIB + CONTEXT_MIB)}
+    lora_total = lora_params * (FP32 + FP32 + (2 if train.optimizer == "adamw8bit" else 8))  # weights, grads, state
+    encoders_resident = lora.text_encoder or not train.cache_text_embeddings
+    phases["training"] = unet + lora_total + activations + (encoders if encoders_resident else 0)
+    result = {f"{name}_mib": round(value / MIB) for name, value in phases.items()}
+    result["peak_mib"] = round(max(phases.values()) / MIB + CONTEXT_MIB)
+    return result
+
+
+def samples_per_step(cfg) -> int:
+    """Per process and micro-batch: the instance images plus as many class images with prior preservation."""
+    return cfg.train.batch_size * (2 if cfg.prior.num_class_images else 1)
+
+
+def estimate_config(cfg, arch: Architecture) -> dict:
+    """estimate() for a recipe config as `finetune train` would run it."""
+    return estimate(arch, cfg.train, cfg.model, cfg.lora, samples_per_step(cfg), class_images_to_draw(cfg),
+                    cfg.prior.generation_batch_size)
+
+
+def class_images_to_draw(cfg) -> int:
+    """How many class images the run would generate first (they cost memory of their own)."""
+    from .data.class_images import missing_class_indices
+    prior = cfg.prior
+    if not prior.num_class_images:
+        return 0
+    folder = Path(cfg.data.class_dir) if cfg.data.class_dir else None
+    return len(missing_class_indices(folder, prior.num_class_images)) if folder else prior.num_class_images
 
 
 def candidates(cfg) -> list[tuple[str, list[str]]]:
@@ -102,7 +133,9 @@ def candidates(cfg) -> list[tuple[str, list[str]]]:
     return [("train.mode=fast", ["train.mode=fast", "train.gradient_checkpointing=false"]),
             ("train.mode=fast train.gradient_checkpointing=true",
              ["train.mode=fast", "train.gradient_checkpointing=true"]),
-            ("train.mode=low_memory", ["train.mode=low_memory"])]
+            ("train.mode=low_memory", ["train.mode=low_memory"]),
+            ("train.mode=low_memory prior.generation_batch_size=1",
+             ["train.mode=low_memory", "prior.generation_batch_size=1"])]
 
 
 def plan_report(config_path: str, overrides: list[str], gpu_mib: float) -> tuple[str, dict]:
@@ -111,11 +144,11 @@ def plan_report(config_path: str, overrides: list[str], gpu_mib: float) -> tuple
 
     _, cfg = load_recipe_config(config_path, overrides)
     arch = read_architecture(cfg.model.pretrained, cfg.lora.unet_targets)
-    samples = cfg.train.batch_size * (2 if getattr(cfg, "prior", None) and cfg.prior.num_class_images else 1)
+    samples = samples_per_step(cfg)
     rows, estimates = [], {}
     for label, extra in [("as configured", [])] + candidates(cfg):
         _, variant = load_recipe_config(config_path, [*overrides, *extra])
-        est = estimate(arch, variant.train, variant.model, variant.lora, samples)
+        est = estimate_config(variant, arch)
         estimates[label] = est
         fits = "fits" if est["peak_mib"] <= gpu_mib else "too big"
         rows.append(f"  {est['peak_mib'] / 1024:5.1f} GiB  {fits:8s} {label}")

@@ -1,6 +1,4 @@
 """The pieces that make N processes equal one: sample positions, per-sample noise, class-image shares, the LR."""
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image
@@ -54,7 +52,7 @@ def test_each_sample_draws_the_same_noise_however_the_batch_is_split():
         return [torch.randn(4, generator=g) for g in gens], len(plan.instance)
 
     for two, one in zip(plans(2, 1, 3), plans(1, 2, 3)):
-        (a0, n0), (a1, n1), (b, nb) = draws(two[0]), draws(two[1]), draws(one[0])
+        (a0, n0), (a1, n1), (b, _) = draws(two[0]), draws(two[1]), draws(one[0])
         # one process: [i0, i1, c0, c1]; two processes: [i0, c0] and [i1, c1]
         for got, want in zip(a0[:n0] + a1[:n1] + a0[n0:] + a1[n1:], b):
             assert torch.equal(got, want)
