@@ -83,9 +83,9 @@ def generate_class_images(pipe, folder: str | Path, prompt: str, prior: PriorCon
     return len(todo)
 
 
-def generation_dtype(device: torch.device, quantized_unet: bool) -> torch.dtype:
-    """Precision for drawing class images: fp16 on a GPU (an end-to-end run measured bf16 with larger batches 7 s
-    slower, BENCHMARKS.md), bf16 for an NF4 U-Net, which computes in it; fp32 on a CPU."""
+def generation_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:
+    """Half precision for drawing class images on a GPU: bf16 when training in bf16 (an NF4 U-Net computes in it),
+    else fp16; fp32 on a CPU."""
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if quantized_unet else torch.float16
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16

@@ -20,7 +20,6 @@ from ..data.class_images import generate_class_images, generation_dtype, missing
 from ..data.dataset import Example, class_examples
 from ..errors import FinetuneError
 from ..lora import lora_state
-from ..models import is_quantized
 
 log = logging.getLogger("finetune")
 
@@ -50,7 +49,7 @@ def ensure_class_images(accelerator: Accelerator, pipe, data: DataConfig, prior:
         raise FinetuneError("data.class_prompt is empty; describe the class, e.g. 'a photo of a dog'")
     missing, share = class_image_share(accelerator, data.class_dir, prior.num_class_images)
     if missing:
-        pipe.to(accelerator.device, generation_dtype(accelerator.device, is_quantized(pipe.unet)))
+        pipe.to(accelerator.device, generation_dtype(accelerator.device, accelerator.mixed_precision))
         generate_class_images(pipe, data.class_dir, data.class_prompt, prior, resolution, seed, accelerator.device,
                               share)
     accelerator.wait_for_everyone()
