@@ -223,6 +223,7 @@ def main():
                                                                    "steps from an empty class folder")
     parser.add_argument("--classes-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--rows-to", default=None, help="append the markdown rows to this file (BENCHMARKS.md)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -246,7 +247,12 @@ def main():
         record(run_ours(args.arch, data, args.steps, name, OURS[name], work))
     if args.e2e_steps:
         record(run_end_to_end(args.arch, data, args.e2e_steps, work))
-    print("\n".join(markdown_rows(args.arch, report["results"], meta)))
+    rows = markdown_rows(args.arch, report["results"], meta)
+    print("\n".join(rows))
+    if args.rows_to:  # BENCHMARKS.md: the rows go under the results table's heading, newest last
+        with open(args.rows_to, "a", encoding="utf-8") as out:
+            out.write(f"\n<!-- bench.py {time.strftime('%Y-%m-%d %H:%M')} {meta['gpu']}: {shlex.join(sys.argv[1:])} -->\n")
+            out.write("".join(row + "\n" for row in rows))
 
 
 if __name__ == "__main__":

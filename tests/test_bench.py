@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_benchmark_runs_our_recipe_end_to_end_on_a_tiny_model(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--arch", "tiny", "--steps", "4", "--work",
-                           str(tmp_path), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           str(tmp_path), "--out", str(out), "--rows-to", str(tmp_path / "BENCHMARKS.md")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["meta"]["torch"] and report["class_images_s_per_image"] > 0
@@ -19,3 +20,5 @@ def test_benchmark_runs_our_recipe_end_to_end_on_a_tiny_model(tmp_path):
     assert ours["command"].startswith("accelerate launch ") and "finetune train" in ours["command"]
     assert len(list((tmp_path / "class-tiny").glob("*.png"))) == 8
     assert (tmp_path / "ours-tiny-fast" / "pytorch_lora_weights.safetensors").is_file()
+    rows = (tmp_path / "BENCHMARKS.md").read_text().splitlines()
+    assert rows[1].startswith("<!-- bench.py ") and rows[2].startswith(f"| {report['meta']['date']} | cpu | tiny fast |")
