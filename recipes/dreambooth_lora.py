@@ -73,7 +73,7 @@ def main(cfg: Config) -> Result:
 
     # 5. The loop: noise instance + class latents, predict, prior-preservation loss, step (skipped if NaN/Inf);
     #    then the exports.
-    unet_call = training_unet_call(unet, dtype, cfg, accelerator)  # replayed CUDA graphs in train.mode=fast
+    unet_call = training_unet_call(unet, dtype, cfg, accelerator, plans)  # replayed CUDA graphs in train.mode=fast
     forward = micro_batch_loss(denoise_step, unet_call, noise_scheduler, latents, prompts, examples, len(instance),
                                cfg, device)
     final = train_and_export(cfg, run, training, plans, forward, pipe, StableDiffusionPipeline,

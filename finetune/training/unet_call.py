@@ -32,7 +32,7 @@ class UNetOnTensors(torch.nn.Module):
 
 
 def graphs_usable(requested: bool, device: torch.device, num_processes: int, lora_dropout: float,
-                  gradient_accumulation: int) -> bool:
+                  gradient_accumulation: int, batch_shapes: int = 1) -> bool:
     """Whether CUDA graphs can replace the eager U-Net call; says why not once, if they were asked for."""
     if not requested:
         return False
@@ -42,18 +42,23 @@ def graphs_usable(requested: bool, device: torch.device, num_processes: int, lor
                # the replayed backward writes its gradients into fixed buffers, which .grad then holds: a second
                # micro-step would overwrite the first one's instead of adding to them
                "gradient accumulation would overwrite, not sum, the recorded gradients"
-               if gradient_accumulation > 1 else None)
+               if gradient_accumulation > 1 else
+               # each recorded shape keeps its own activation memory; one pool shared between shapes is not proven
+               # safe here, and several pools would multiply the activations (SDXL: over 2 GB each)
+               f"batches come in {batch_shapes} shapes (data.buckets), and each recording keeps its own memory"
+               if batch_shapes > 1 else None)
     if why_not:
         log.warning("notice: train.cuda_graphs is off for this run: %s", why_not)
         return False
     return True
 
 
-def training_unet_call(unet, dtype: torch.dtype, cfg, accelerator) -> "UNetForward":
+def training_unet_call(unet, dtype: torch.dtype, cfg, accelerator, plans) -> "UNetForward":
     """The recipe's U-Net call: CUDA graphs where train.cuda_graphs asks for them and this run allows them."""
     train = cfg.train
+    shapes = {(plan.size, len(plan.instance), len(plan.classes)) for plan in plans}
     return UNetForward(unet, dtype, graphs_usable(train.cuda_graphs, accelerator.device, accelerator.num_processes,
-                                                  cfg.lora.dropout, train.gradient_accumulation))
+                                                  cfg.lora.dropout, train.gradient_accumulation, len(shapes)))
 
 
 class UNetForward:

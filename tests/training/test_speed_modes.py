@@ -81,14 +81,15 @@ def test_forward_casts_inputs_to_the_unet_precision(tiny_sd1):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
-@pytest.mark.parametrize("device, processes, dropout, accumulation, reason", [
-    ("cpu", 1, 0.0, 1, "no CUDA GPU"),
-    ("cuda", 2, 0.0, 1, "single-process"),
-    ("cuda", 1, 0.1, 1, "LoRA dropout"),
-    ("cuda", 1, 0.0, 2, "gradient accumulation"),
+@pytest.mark.parametrize("device, processes, dropout, accumulation, shapes, reason", [
+    ("cpu", 1, 0.0, 1, 1, "no CUDA GPU"),
+    ("cuda", 2, 0.0, 1, 1, "single-process"),
+    ("cuda", 1, 0.1, 1, 1, "LoRA dropout"),
+    ("cuda", 1, 0.0, 2, 1, "gradient accumulation"),
+    ("cuda", 1, 0.0, 1, 3, "batches come in 3 shapes (data.buckets)"),
 ])
-def test_graphs_are_refused_with_the_reason(caplog, device, processes, dropout, accumulation, reason):
-    assert not graphs_usable(True, torch.device(device), processes, dropout, accumulation)
+def test_graphs_are_refused_with_the_reason(caplog, device, processes, dropout, accumulation, shapes, reason):
+    assert not graphs_usable(True, torch.device(device), processes, dropout, accumulation, shapes)
     assert reason in caplog.text
     assert graphs_usable(True, torch.device("cuda"), 1, 0.0, 1)
     assert not graphs_usable(False, torch.device("cuda"), 1, 0.0, 1)
