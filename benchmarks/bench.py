@@ -150,6 +150,7 @@ def run_ours(arch: str, data: dict, steps: int, name: str, overrides: list[str],
     return {"who": "finetune", "variant": name, "rc": 0, "it_per_s": summary["steady_it_per_s"],
             "peak_gpu_mib": memory.peak, "torch_reserved_mib": summary.get("peak_reserved_mib"),
             "cuda_graphs": summary.get("cuda_graphs"), "optimizer": summary.get("optimizer"), "steps": steps,
+            "setup_s": summary.get("setup_seconds"), "train_s": summary.get("train_seconds"),
             "wall_s": round(wall, 1), "command": "accelerate launch " + " ".join(shlex.quote(c) for c in cmd[3:])}
 
 
