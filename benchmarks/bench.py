@@ -130,7 +130,7 @@ def generate_classes(arch: str, model: Path, folder: Path) -> dict:
 
 def run_ours(arch: str, data: dict, steps: int, name: str, overrides: list[str], work: Path) -> dict:
     out = work / f"ours-{arch}-{name}"
-    subprocess.run(["rm", "-rf", str(out), str(work / f"class-{arch}-{name}")], check=True)
+    subprocess.run(["rm", "-rf", str(out)], check=True)
     precision = "no" if arch == "tiny" else "fp16"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "finetune", "train", CONFIGS[arch],
@@ -157,7 +157,8 @@ def run_ours(arch: str, data: dict, steps: int, name: str, overrides: list[str],
 def run_end_to_end(arch: str, data: dict, steps: int, work: Path) -> dict:
     """The whole standard job from an empty class folder: generate, train, export; timed from process start."""
     fresh = work / f"class-{arch}-e2e"
-    result = run_ours(arch, {**data, "classes": fresh}, steps, "e2e", [*SAME_JOB, "train.mode=fast"], work)
+    subprocess.run(["rm", "-rf", str(fresh)], check=True)
+    result = run_ours(arch, {**data, "classes": fresh}, steps, "e2e", OURS["fast"], work)
     result["class_images_made"] = len(list(fresh.glob("*.png")))
     return result
 

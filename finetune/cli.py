@@ -53,11 +53,13 @@ def cmd_show_config(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from .plan import parse_size, plan_report, write_json
+    import json
+
+    from .plan import parse_size, plan_report
     text, data = plan_report(args.config, args.overrides, parse_size(args.gpu_memory))
     print(text)
     if args.json:
-        write_json(args.json, data)
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def cmd_generate(args) -> None:

@@ -97,7 +97,8 @@ MODES = {
 
 def with_mode(data: dict) -> dict:
     """The config dict with train.mode's presets filled in under the keys given explicitly."""
-    mode = (data.get("train") or {}).get("mode", "custom") if isinstance(data.get("train"), dict) else "custom"
+    train = data.get("train")
+    mode = train.get("mode", "custom") if isinstance(train, dict) else "custom"
     if mode not in MODES:
         raise ConfigError(f"train.mode: {mode!r} is not one of {', '.join(MODES)}")
     merged = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
@@ -311,8 +312,8 @@ class TrainConfig:
         "custom", "preset of the speed/memory switches (see README, Speed and memory); keys you set win over it")
     autocast: bool = option(True, "run the U-Net under autocast; false runs it in the frozen weights' precision "
                                   "with fp32 LoRA (fewer casts, faster)")
-    cuda_graphs: bool = option(False, "replay the U-Net's forward and backward as CUDA graphs, one per batch shape "
-                                      "(needs autocast false; one GPU)")
+    cuda_graphs: bool = option(False, "replay the U-Net's forward and backward as CUDA graphs (needs autocast "
+                                      "false; one GPU, one batch shape)")
 
     def __post_init__(self):
         for key in ("max_steps", "batch_size", "gradient_accumulation", "resolution", "log_every", "max_bad_steps"):

@@ -1,6 +1,7 @@
 """`finetune plan`: estimate a run's peak GPU memory from the architecture and settings, before buying the card.
 
-A run has two peaks, and the larger one counts:
+A run has up to three peaks, and the largest counts:
+- class images (only if some are still to draw): the pipeline in half precision drawing a batch with guidance;
 - encoding: the U-Net already on the GPU, the text encoder(s) and the fp32 VAE encoding one image at a time;
 - training: the U-Net, LoRA with its gradients and optimizer state, and the activations kept for the backward pass.
 Weights are counted exactly from the model's configs (no weights are read). Activations and the VAE's working
@@ -10,7 +11,6 @@ CONTEXT_MIB is what nvidia-smi shows beyond PyTorch's own reservation (CUDA cont
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -128,14 +128,13 @@ def class_images_to_draw(cfg) -> int:
     return len(missing_class_indices(folder, prior.num_class_images)) if folder else prior.num_class_images
 
 
-def candidates(cfg) -> list[tuple[str, list[str]]]:
-    """The settings worth comparing, fastest first: (label, overrides)."""
-    return [("train.mode=fast", ["train.mode=fast", "train.gradient_checkpointing=false"]),
-            ("train.mode=fast train.gradient_checkpointing=true",
-             ["train.mode=fast", "train.gradient_checkpointing=true"]),
-            ("train.mode=low_memory", ["train.mode=low_memory"]),
-            ("train.mode=low_memory prior.generation_batch_size=1",
-             ["train.mode=low_memory", "prior.generation_batch_size=1"])]
+# The settings worth comparing, fastest first: (label, overrides).
+CANDIDATES = [("train.mode=fast", ["train.mode=fast", "train.gradient_checkpointing=false"]),
+              ("train.mode=fast train.gradient_checkpointing=true",
+               ["train.mode=fast", "train.gradient_checkpointing=true"]),
+              ("train.mode=low_memory", ["train.mode=low_memory"]),
+              ("train.mode=low_memory prior.generation_batch_size=1",
+               ["train.mode=low_memory", "prior.generation_batch_size=1"])]
 
 
 def plan_report(config_path: str, overrides: list[str], gpu_mib: float) -> tuple[str, dict]:
@@ -146,7 +145,7 @@ def plan_report(config_path: str, overrides: list[str], gpu_mib: float) -> tuple
     arch = read_architecture(cfg.model.pretrained, cfg.lora.unet_targets)
     samples = samples_per_step(cfg)
     rows, estimates = [], {}
-    for label, extra in [("as configured", [])] + candidates(cfg):
+    for label, extra in [("as configured", []), *CANDIDATES]:
         _, variant = load_recipe_config(config_path, [*overrides, *extra])
         est = estimate_config(variant, arch)
         estimates[label] = est
@@ -162,6 +161,3 @@ def plan_report(config_path: str, overrides: list[str], gpu_mib: float) -> tuple
                                                  "architecture": dataclasses.asdict(arch) | {
                                                      "target_linear_shapes": len(arch.target_linear_shapes)}}
 
-
-def write_json(path: str, data: dict) -> None:
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")

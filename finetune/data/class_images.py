@@ -75,7 +75,8 @@ def generate_class_images(pipe, folder: str | Path, prompt: str, prior: PriorCon
             images = pipe([prompt] * len(chunk), num_inference_steps=prior.generation_steps,
                           guidance_scale=prior.guidance_scale, height=resolution, width=resolution,
                           generator=generators).images
-            pending += [writer.submit(write_png_atomically, image, folder, index) for index, image in zip(chunk, images)]
+            pending += [writer.submit(write_png_atomically, image, folder, index)
+                        for index, image in zip(chunk, images)]
             bar.update(len(chunk))
         for write in pending:
             write.result()  # re-raises a failed write (a full disk) here

@@ -2,7 +2,7 @@
 
 At batch 1 + 1 a U-Net step launches thousands of small kernels, and on a fast GPU the host cannot launch them as
 fast as the GPU runs them (an SD1.5 step measured about 38 ms of GPU work inside 170 ms, BENCHMARKS.md). A CUDA
-graph records the forward and the backward once per input shape and replays each as a single launch.
+graph records the forward and the backward once and replays each as a single launch.
 torch.cuda.make_graphed_callables does the recording; this module decides when it can, and keeps the eager path
 as the fallback.
 """
@@ -65,31 +65,30 @@ class UNetForward:
     """Call as forward(noisy, timesteps, embeddings, *added) -> prediction.
 
     Inputs are cast to the U-Net's compute dtype (without autocast a bf16 U-Net needs bf16 inputs). With graphs,
-    each new input shape (a bucket, a last short batch) is recorded on first use; if recording fails the run
-    goes on eagerly, with a notice.
+    the first call is recorded (graphs_usable has checked that every batch has one shape) and later calls of that
+    shape replay it; if recording fails the run goes on eagerly, with a notice.
     """
 
     def __init__(self, unet: torch.nn.Module, dtype: torch.dtype, use_graphs: bool):
-        self.unet, self.dtype, self.use_graphs = unet, dtype, use_graphs
+        self.dtype, self.use_graphs = dtype, use_graphs
         self.eager = UNetOnTensors(unet)
-        self.graphed: dict[tuple, Callable] = {}
+        self.graphed: Callable | None = None
+        self.recorded_for: tuple | None = None  # (shape, dtype, requires_grad) of each input the graph was made for
 
     def __call__(self, noisy, timesteps, embeddings, *added) -> torch.Tensor:
         inputs = (noisy.to(self.dtype), timesteps, embeddings.to(self.dtype), *(a.to(self.dtype) for a in added))
         if not self.use_graphs:
             return self.eager(*inputs)
         key = tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in inputs)
-        if key not in self.graphed:
-            self.graphed[key] = self._record(inputs)
-            if self.graphed[key] is None:
-                self.use_graphs = False
-                return self.eager(*inputs)
-        return self.graphed[key](*inputs)
+        if self.graphed is None:
+            self.graphed, self.recorded_for = self._record(inputs), key
+            self.use_graphs = self.graphed is not None
+        return self.graphed(*inputs) if self.use_graphs and key == self.recorded_for else self.eager(*inputs)
 
     def _record(self, inputs) -> Callable | None:
         samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
-        try:  # a fresh wrapper per shape: make_graphed_callables replaces the forward of the module it is given
-            graphed = torch.cuda.make_graphed_callables(UNetOnTensors(self.unet), samples, num_warmup_iters=3)
+        try:  # its own wrapper: make_graphed_callables replaces the forward of the module it is given
+            graphed = torch.cuda.make_graphed_callables(UNetOnTensors(self.eager.unet), samples, num_warmup_iters=3)
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the eager path, which is correct
             log.warning("notice: recording the U-Net as a CUDA graph failed (%s); training eagerly",
                         str(error).splitlines()[0][:200])
