@@ -103,6 +103,11 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), steps=args.steps)
 
 
+def cmd_env(args) -> None:
+    from .env import env_report
+    print("\n".join(env_report()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-output", help="folder for everything the demo writes")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
     demo.set_defaults(func=cmd_demo)
+
+    env = sub.add_parser("env", help="versions, CUDA and bitsandbytes status, known bad combinations: paste it "
+                                     "into bug reports")
+    env.set_defaults(func=cmd_env)
     return parser
 
 

@@ -1,9 +1,19 @@
-"""Where LoRA goes, injected through peft (via diffusers' and transformers' adapter integrations)."""
+"""Where LoRA goes, injected through peft's own API.
+
+transformers' and diffusers' adapter integrations (`add_adapter`, `enable_adapters`, `disable_adapters`) gate on
+the installed peft version and have refused working peft releases (transformers 5.24 wants peft >= 0.22, which
+does not exist). peft's `inject_adapter_in_model`, its state-dict helpers and its tuner layers' switches carry
+no such gate, so they are the only LoRA API this package calls.
+"""
 from __future__ import annotations
+
+import contextlib
+import weakref
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .config import LoraConfig
 
@@ -16,6 +26,10 @@ UNET_TARGETS = {
 }
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
+# The peft config each injected model was given, kept here rather than read back from an attribute that an
+# integration may rename: rank, alpha and targets for metadata and imports.
+_CONFIGS: weakref.WeakKeyDictionary[torch.nn.Module, PeftLoraConfig] = weakref.WeakKeyDictionary()
+
 
 def peft_config(lora: LoraConfig, targets) -> PeftLoraConfig:
     # init_lora_weights="gaussian" starts the up-projection at zero: training begins exactly at the base model.
@@ -23,12 +37,25 @@ def peft_config(lora: LoraConfig, targets) -> PeftLoraConfig:
                           init_lora_weights="gaussian", target_modules=targets)
 
 
+def inject_lora(model: torch.nn.Module, config: PeftLoraConfig) -> None:
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    _CONFIGS[model] = config
+
+
 def add_unet_lora(unet, lora: LoraConfig) -> None:
-    unet.add_adapter(peft_config(lora, UNET_TARGETS[lora.unet_targets]))
+    inject_lora(unet, peft_config(lora, UNET_TARGETS[lora.unet_targets]))
 
 
 def add_text_encoder_lora(text_encoder, lora: LoraConfig) -> None:
-    text_encoder.add_adapter(peft_config(lora, TEXT_ENCODER_TARGETS))
+    inject_lora(text_encoder, peft_config(lora, TEXT_ENCODER_TARGETS))
+
+
+def lora_config(model: torch.nn.Module) -> PeftLoraConfig:
+    """The peft config `model` was injected with (by add_unet_lora / add_text_encoder_lora)."""
+    try:
+        return _CONFIGS[model]
+    except KeyError:
+        raise ValueError(f"{type(model).__name__} has no LoRA injected by finetune.lora") from None
 
 
 def lora_parameters(*models) -> list[torch.nn.Parameter]:
@@ -41,13 +68,31 @@ def keep_lora_fp32(*models) -> None:
         param.data = param.data.float()
 
 
+def tuner_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
+    return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def lora_disabled(models):
+    """The base model: every LoRA layer of `models` switched off, and on again afterwards."""
+    layers = [layer for model in models for layer in tuner_layers(model)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
 def lora_state(model) -> dict[str, torch.Tensor]:
     """The model's LoRA weights in peft's key format (what checkpoints store)."""
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().cpu().contiguous()
+            for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
 
 
 def load_lora_state(model, state: dict[str, torch.Tensor]) -> None:
-    result = set_peft_model_state_dict(model, state)
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise RuntimeError(f"LoRA state has keys the model does not: {unexpected[:3]}")
@@ -59,7 +104,7 @@ PORTABLE_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "use_dora", "lora_b
 
 def adapter_metadata(model) -> dict:
     """The model's LoRA config as diffusers stores it in a file, so rank and alpha reload exactly."""
-    config = model.peft_config[ADAPTER].to_dict()
+    config = lora_config(model).to_dict()
     metadata = {key: config[key] for key in PORTABLE_CONFIG_KEYS if key in config}
     if isinstance(metadata.get("target_modules"), (set, tuple)):
         metadata["target_modules"] = sorted(metadata["target_modules"])

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import FinetuneError
-from ..lora import ADAPTER, load_lora_state, lora_state
+from ..lora import load_lora_state, lora_config, lora_state
 from .diffusers_format import WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
 from .diffusers_format import read_header
 
@@ -96,7 +96,7 @@ def _from_diffusers(tensors: dict, header: dict, path: Path) -> LoraWeights:
 def weights_from_models(models: dict, header: dict | None = None) -> LoraWeights:
     """The LoRA weights of peft-injected models, e.g. {'unet': unet, 'text_encoder': text_encoder}."""
     return LoraWeights({name: canonical(name, lora_state(model)) for name, model in models.items()},
-                       {name: float(model.peft_config[ADAPTER].lora_alpha) for name, model in models.items()},
+                       {name: float(lora_config(model).lora_alpha) for name, model in models.items()},
                        dict(header or {}), "diffusers")
 
 
@@ -107,7 +107,7 @@ def load_into_models(weights: LoraWeights, models: dict, path: str | Path) -> No
         raise FinetuneError(f"lora.init_from: {path} has LoRA on {', '.join(has)} but this run trains "
                             f"{', '.join(wants)}; set lora.text_encoder to match the file")
     for name, model in models.items():
-        config = model.peft_config[ADAPTER]
+        config = lora_config(model)
         if weights.rank(name) != config.r:
             raise FinetuneError(f"lora.init_from: {path} has rank {weights.rank(name)} on {name}; set "
                                 f"lora.rank={weights.rank(name)}")

@@ -16,6 +16,7 @@ import torch
 from ..config import ValidationConfig
 from ..data.images import image_grid, to_image
 from ..inference import generate, set_scheduler
+from ..lora import lora_disabled
 
 log = logging.getLogger("finetune")
 SAMPLES, BEFORE_AFTER = "samples", "before_after.png"
@@ -94,18 +95,6 @@ class Validator:
             writer.flush()
         log.info("validation images: %s", path)
         return path
-
-
-@contextlib.contextmanager
-def lora_disabled(models: list):
-    """The base model: every LoRA adapter switched off, and on again afterwards."""
-    for model in models:
-        model.disable_adapters()
-    try:
-        yield
-    finally:
-        for model in models:
-            model.enable_adapters()
 
 
 @contextlib.contextmanager
