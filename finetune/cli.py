@@ -22,15 +22,12 @@ def recipe_module(name: str):
         raise FinetuneError(f"recipe: {name!r} is not a recipe; see the recipes/ folder") from None
 
 
-def load_recipe_config(path: str | None, overrides: list[str], recipe: str | None = None):
+def load_recipe_config(path: str | None, overrides: list[str]):
     """(recipe module, typed config) for a YAML file whose `recipe:` key names the recipe."""
-    from . import config as config_lib
+    from .config import load, recipe_name
 
-    data = config_lib.read_yaml(path) if path else {}
-    name = recipe or data.pop("recipe", DEFAULT_RECIPE)
-    data.pop("recipe", None)
-    module = recipe_module(name)
-    return module, config_lib.build(module.Config, config_lib.with_mode(config_lib.apply_overrides(data, overrides)))
+    module = recipe_module(recipe_name(path, DEFAULT_RECIPE))
+    return module, load(module.Config, path, overrides)
 
 
 def cmd_train(args) -> None:
@@ -56,7 +53,8 @@ def cmd_plan(args) -> None:
     import json
 
     from .plan import parse_size, plan_report
-    text, data = plan_report(args.config, args.overrides, parse_size(args.gpu_memory))
+    module, _ = load_recipe_config(args.config, args.overrides)
+    text, data = plan_report(module.Config, args.config, args.overrides, parse_size(args.gpu_memory))
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")

@@ -71,6 +71,14 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**values)
 
 
+def recipe_name(path: str | Path | None, default: str) -> str:
+    """The recipe a YAML file's top-level `recipe:` key names (`default` without one, or without a file)."""
+    name = read_yaml(path).get("recipe", default) if path else default
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}: recipe: must be a recipe's name, e.g. dreambooth_lora")
+    return name
+
+
 def load(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
     """Read a YAML file (or nothing), apply dotted overrides, and build the typed config.
 
