@@ -16,11 +16,12 @@ import torch
 
 from finetune.config import DreamBoothConfig
 from finetune.export.lora_weights import load_into_models, read_lora
-from finetune.models import load_pipeline, training_scheduler
+from finetune.models import ensure_unet, load_pipeline, training_scheduler
 from finetune.training.conditioning import SD, ModelKind
 from finetune.training.distributed import ensure_class_images
 from finetune.training.finish import RunExporter, finish_run
-from finetune.training.dreambooth import add_lora, encode_latents, encode_prompts, plan_share, prepare_training, start_run
+from finetune.training.dreambooth import (add_lora, encode_latents, encode_prompts, plan_share, prepare_training,
+                                          start_run, text_conditioning)
 from finetune.training.loop import Checkpointer, train_loop
 from finetune.training.loss import DreamBoothObjective
 from finetune.training.unet_call import training_unet_call
@@ -51,30 +52,38 @@ def main(cfg: Config) -> Result:
 
 
 def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
-    run = start_run(cfg, recipe)  # output folder checked, resume point found, photos screened (and bucketed)
-    pipe = load_pipeline(cfg.model, kind.pipeline_class, compute_dtype=run.dtype)
+    run = start_run(cfg, recipe)  # every input checked, the output folder claimed, photos screened (and bucketed)
+    phase = run.phases  # each phase prints its time (and GPU peak); they never share the GPU
+    with phase("loading weights"):
+        pipe = load_pipeline(cfg.model, kind.pipeline_class, compute_dtype=run.dtype)  # a 4-bit U-Net comes later
 
     # 1. Prior preservation: class images drawn by the base model, before any LoRA touches it.
-    classes = ensure_class_images(run.accelerator, pipe, cfg.data, cfg.prior, cfg.train.resolution, cfg.train.seed)
+    with phase("class images"):
+        classes = ensure_class_images(run.accelerator, pipe, cfg.data, cfg.prior, cfg.train.resolution,
+                                      cfg.train.seed, load_unet=lambda: ensure_unet(pipe, cfg.model, run.dtype))
 
-    # 2. Freeze the base model and add LoRA (U-Net, and the text encoders with lora.text_encoder); the frozen
-    #    weights go to half precision, LoRA stays fp32; lora.init_from continues from an earlier LoRA.
-    lora_models = add_lora(pipe, kind, cfg.lora, cfg.train, run)
-    if cfg.lora.init_from:
-        load_into_models(read_lora(cfg.lora.init_from), lora_models, cfg.lora.init_from)
-
-    # 3. This process's share of the samples (its positions in the one global order, from where a resumed run
-    #    left off; one aspect-ratio bucket per batch with data.buckets); the photos it reads encoded once.
+    # 2. Encode once: every prompt training can see (text encoders on the GPU, then off), then the photos this
+    #    process reads (the VAE on the GPU, then off): its share of the one global sample order, from where a
+    #    resumed run left off, one aspect-ratio bucket per batch with data.buckets.
     examples = run.instance + classes
     plans = plan_share(cfg, run, len(classes))
-    latents = encode_latents(pipe.vae, examples, plans, cfg, run.device)
+    with phase("encoding"):
+        prompts = encode_prompts(kind, pipe, examples, cfg, run)  # None when the text encoders train
+        latents = encode_latents(pipe.vae, examples, plans, cfg, run)
 
-    # 4. Optimizer, schedule (in optimizer steps, whatever the process count), Accelerate's wrapping, the resumed
-    #    state; the prompts' conditioning, encoded once if the text encoders are frozen.
-    training = prepare_training(cfg, run, lora_models, recipe)
-    conditioning = encode_prompts(kind, pipe, training, examples, cfg, run.device)
+    # 3. Only now the U-Net comes to the GPU: freeze it and add LoRA (and to the text encoders with
+    #    lora.text_encoder), frozen weights in half precision, LoRA in fp32; lora.init_from continues a LoRA.
+    with phase("LoRA and optimizer"):
+        ensure_unet(pipe, cfg.model, run.dtype)
+        lora_models = add_lora(pipe, kind, cfg.lora, cfg.train, run)
+        if cfg.lora.init_from:
+            load_into_models(read_lora(cfg.lora.init_from), lora_models, cfg.lora.init_from)
+        # Optimizer, schedule (in optimizer steps, whatever the process count), Accelerate's wrapping, the
+        # resumed state.
+        training = prepare_training(cfg, run, lora_models, recipe)
+        conditioning = prompts or text_conditioning(kind, pipe, training, run)
 
-    # 5. The loop: noise instance + class latents, predict, prior-preservation loss, step (skipped if NaN/Inf).
+    # 4. The loop: noise instance + class latents, predict, prior-preservation loss, step (skipped if NaN/Inf).
     unet_call = training_unet_call(training.models["unet"], run.dtype, cfg, run.accelerator, plans)
     objective = DreamBoothObjective(unet_call, training_scheduler(pipe), latents, conditioning, examples, cfg,
                                     run.device)
@@ -82,9 +91,10 @@ def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
     checkpointer = Checkpointer(cfg, run, exporter.write)
     validator = Validator(cfg.validation, run.accelerator, pipe, list(training.lora_models.values()),
                           cfg.output_dir, cfg.train.resolution)
-    result = train_loop(cfg, run, training, plans, objective, checkpointer, validator)
+    with phase("training"):
+        result = train_loop(cfg, run, training, plans, objective, checkpointer, validator)
 
-    # 6. The end: final checkpoint, the diffusers file, summary, base-vs-LoRA grid, kohya file, card, upload.
+    # 5. The end: final checkpoint, the diffusers file, summary, base-vs-LoRA grid, kohya file, card, upload.
     summary = {**result.summary, "cuda_graphs": unet_call.use_graphs}
     final = finish_run(cfg, run, exporter, checkpointer, validator, summary, result.skipped)
     encoders = [training.lora_models.get(name, module) for name, module in kind.text_encoders(pipe).items()]

@@ -28,6 +28,7 @@ from .conditioning import ModelKind
 from .distributed import retarget_learning_rate, samples_per_step, scaled_learning_rate
 from .optim import build_lr_scheduler, build_optimizer
 from .run_dir import prepare_output_dir
+from .summary import PhaseClock
 
 log = logging.getLogger("finetune")
 
@@ -42,6 +43,7 @@ class Run:
     instance: list[Example]   # the photos that passed screening
     photos: PhotoReport       # what screening skipped or upscaled; each photo's bucket with data.buckets
     started: float            # time.perf_counter() at the start: the summary's setup time counts from here
+    phases: PhaseClock        # a line per phase with its time; the split goes into train_summary.json
 
     @property
     def device(self) -> torch.device:
@@ -58,32 +60,78 @@ def start_run(cfg, recipe: str) -> Run:
     overwritten); the resume point; every photo decoded and screened now, not 300 steps in."""
     started, train = time.perf_counter(), cfg.train
     accelerator = make_accelerator(train, cfg.output_dir, recipe)
+    phases = PhaseClock(accelerator.device)
     set_seed(train.seed)
     resume_from = prepare_output_dir(cfg.output_dir, train.resume, train.overwrite, accelerator.is_main_process)
     start, seen = resume_point(resume_from, samples_per_step(train, accelerator.num_processes))
     instance, photos = screen_photos(instance_examples(cfg.data), train.resolution, cfg.data.on_bad_image,
                                      cfg.data.buckets, cfg.data.allow_upscale)
-    return Run(accelerator, resume_from, start, seen, instance, photos, started)
+    return Run(accelerator, resume_from, start, seen, instance, photos, started, phases)
+
+
+def encode_prompts(kind: ModelKind, pipe, examples: list[Example], cfg, run: Run):
+    """The first encoding phase: with the text encoders frozen (and train.cache_text_embeddings), every prompt
+    training can see is encoded now, the encoders on the GPU alone, then back on the CPU. None when prompts are
+    encoded each step instead (LoRA on the text encoders, tag shuffling): text_conditioning then."""
+    cached = None
+    if cfg.train.cache_text_embeddings and not cfg.lora.text_encoder:
+        cached = possible_prompts([e.prompt for e in examples], cfg.data.caption_dropout, cfg.data.shuffle_tags)
+    if cached is None:
+        return None
+    encoders = list(kind.text_encoders(pipe).values())
+    freeze(*encoders)
+    for encoder in encoders:
+        encoder.to(run.device, run.dtype)
+    conditioning = kind.conditioning(pipe, encoders, cached, run.device)
+    for encoder in encoders:
+        encoder.to("cpu")
+    return conditioning
+
+
+def encode_latents(vae, examples: list[Example], plans: list[BatchPlan], cfg, run: Run) -> LatentSource:
+    """The second encoding phase: the VAE latents the plans read, the VAE (fp32: SDXL's overflows in fp16) on
+    the GPU alone. With train.cache_latents (and center crops) each (photo, flip, bucket) this process reads is
+    encoded once and the VAE leaves the GPU; otherwise it stays and encodes each step."""
+    freeze(vae)
+    vae.to(run.device, torch.float32)
+    if cfg.train.vae_tiling:
+        tile_vae(vae, TILE_PX)
+    cache = cfg.train.cache_latents and cfg.data.center_crop
+    latents = LatentSource(vae, examples, cfg.train.resolution, cache, cfg.data.random_flip, run.device,
+                           keys=cache_keys(plans))
+    if cache:
+        vae.to("cpu")  # done with it: free the GPU memory
+    return latents
+
+
+TILE_PX = 512
+
+
+def tile_vae(vae, tile_px: int) -> None:
+    """Encode and decode images larger than `tile_px` in overlapping tiles of that size (diffusers' tiled VAE,
+    whose default tile is the VAE's own sample size: 1024 px for SDXL's, which would never tile at 1024)."""
+    vae.enable_tiling()
+    vae.tile_sample_min_size = tile_px
+    vae.tile_latent_min_size = tile_px // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def add_lora(pipe, kind: ModelKind, lora: LoraConfig, train: TrainConfig, run: Run) -> dict[str, torch.nn.Module]:
-    """Freeze the base model and add LoRA to the U-Net (and, with lora.text_encoder, to every text encoder);
-    the frozen weights go to the run's dtype, the VAE stays fp32 (SDXL's overflows in fp16), LoRA stays fp32.
+    """After encoding: freeze the base model and add LoRA to the U-Net (and, with lora.text_encoder, to every
+    text encoder); these come to the GPU only now, frozen weights in the run's dtype (a 4-bit U-Net is loaded
+    there), LoRA in fp32.
 
     Returns the models that carry LoRA by their pipeline names ('unet', 'text_encoder', 'text_encoder_2'), the
     U-Net first: what trains, is saved and exported.
     """
-    unet, vae, text_encoders = pipe.unet, pipe.vae, kind.text_encoders(pipe)
-    freeze(unet, vae, *text_encoders.values())
+    unet, text_encoders = pipe.unet, kind.text_encoders(pipe)
+    freeze(unet, *text_encoders.values())
     add_unet_lora(unet, lora)
     models = {"unet": unet}
     for name, encoder in text_encoders.items() if lora.text_encoder else ():
         add_text_encoder_lora(encoder, lora)
         models[name] = encoder
-    unet.to(run.device) if is_quantized(unet) else unet.to(run.device, run.dtype)  # 4-bit weights: moved, not cast
-    vae.to(run.device, torch.float32)
-    for encoder in text_encoders.values():
-        encoder.to(run.device, run.dtype)
+    for model in models.values():
+        model.to(run.device) if is_quantized(model) else model.to(run.device, run.dtype)  # 4-bit: moved, not cast
     cast_training_params(list(models.values()), dtype=torch.float32)
     if train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -102,30 +150,15 @@ def plan_share(cfg, run: Run, num_class: int) -> list[BatchPlan]:
             for micro in range((train.max_steps - run.start) * train.gradient_accumulation)]
 
 
-def encode_latents(vae, examples: list[Example], plans: list[BatchPlan], cfg, device) -> LatentSource:
-    """The VAE latents the plans read; with train.cache_latents (and center crops) each (photo, flip, bucket)
-    this process reads is encoded once, and the VAE leaves the GPU."""
-    cache = cfg.train.cache_latents and cfg.data.center_crop
-    latents = LatentSource(vae, examples, cfg.train.resolution, cache, cfg.data.random_flip, device,
-                           keys=cache_keys(plans))
-    if cache:
-        vae.to("cpu")  # done with it: free the GPU memory
-    return latents
-
-
-def encode_prompts(kind: ModelKind, pipe, training: "Training", examples: list[Example], cfg, device):
-    """The U-Net's conditioning for the loop. With the text encoders frozen (and train.cache_text_embeddings)
-    every prompt training can see is encoded once now and the encoders leave the GPU; with LoRA on them, or with
-    tag shuffling, prompts are encoded each step."""
-    encoders = [training.models.get(name, module) for name, module in kind.text_encoders(pipe).items()]
-    cached = None
-    if cfg.train.cache_text_embeddings and not cfg.lora.text_encoder:
-        cached = possible_prompts([e.prompt for e in examples], cfg.data.caption_dropout, cfg.data.shuffle_tags)
-    conditioning = kind.conditioning(pipe, encoders, cached, device)
-    if cached is not None:
-        for encoder in encoders:
-            encoder.to("cpu")
-    return conditioning
+def text_conditioning(kind: ModelKind, pipe, training: "Training", run: Run):
+    """The conditioning that encodes prompts each step, with the text encoders as they train (Accelerate's
+    wrapping) or, frozen, on the GPU in the run's dtype."""
+    encoders = []
+    for name, module in kind.text_encoders(pipe).items():
+        if name not in training.models:
+            module.to(run.device, run.dtype)
+        encoders.append(training.models.get(name, module))
+    return kind.conditioning(pipe, encoders, None, run.device)
 
 
 @dataclasses.dataclass

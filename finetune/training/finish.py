@@ -54,15 +54,17 @@ def finish_run(cfg, run, exporter: RunExporter, checkpointer, validator, summary
     upload. Returns the diffusers file."""
     accelerator, steps, output_dir = run.accelerator, cfg.train.max_steps, Path(cfg.output_dir)
     check_replicas_agree(accelerator, *exporter.lora_models.values())
-    checkpointer.save(steps)
     final = output_dir / WEIGHT_NAME
+    with run.phases("export"):
+        checkpointer.save(steps)
+        if accelerator.is_main_process:
+            final = exporter.write(output_dir, steps)
+            log.info("exported %s (%s it/s)", final, summary["steady_it_per_s"])
+        validator.before_after(steps)  # before the model card, which shows it
+        if accelerator.is_main_process:
+            publish(output_dir, cfg.export, exporter.lora_models, exporter.info(steps))
     if accelerator.is_main_process:
-        final = exporter.write(output_dir, steps)
-        write_summary(output_dir, summary)
-        log.info("exported %s (%s it/s)", final, summary["steady_it_per_s"])
-    validator.before_after(steps)  # before the model card, which shows it
-    if accelerator.is_main_process:
-        publish(output_dir, cfg.export, exporter.lora_models, exporter.info(steps))
+        write_summary(output_dir, {**summary, **run.phases.summary()})
         log.info("summary: %d steps, %d skipped (NaN/Inf); %s", steps - run.start, skipped, run.photos.summary())
     accelerator.end_training()
     return final
