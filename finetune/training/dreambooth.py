@@ -21,9 +21,8 @@ from tqdm.auto import tqdm
 
 from ..config import LoraConfig, TrainConfig, to_dict
 from ..data.captions import possible_prompts
-from ..data.dataset import (BatchPlan, Example, LatentSource, cache_keys, instance_examples, plan_batch, plan_prompts,
-                            sample_generators)
-from ..data.screening import PhotoReport, screen_photos
+from ..data.dataset import BatchPlan, Example, LatentSource, cache_keys, plan_batch, plan_prompts, sample_generators
+from ..data.screening import PhotoReport
 from ..export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
 from ..export.lora_weights import load_into_models, read_lora
 from ..export.metadata import model_family, tag_frequency
@@ -31,12 +30,12 @@ from ..export.publish import publish
 from ..lora import add_text_encoder_lora, add_unet_lora, keep_lora_fp32, lora_parameters
 from ..models import freeze, is_quantized
 from .accelerator import flat_hparams, make_accelerator
-from .checkpoint import load_checkpoint, register_lora_only_saving, resume_point, save_checkpoint
+from .checkpoint import load_checkpoint, register_lora_only_saving, save_checkpoint
 from .distributed import check_replicas_agree, retarget_learning_rate, samples_per_step, scaled_learning_rate
 from .guard import NonFiniteGuard
 from .interrupt import graceful_stop
 from .optim import build_lr_scheduler, build_optimizer
-from .run_dir import prepare_output_dir
+from .preflight import claim_run, validate_run
 from .summary import StepClock, optimizer_state_summary, write_summary
 from .unet_call import UNetForward
 from .validation import Validator
@@ -57,16 +56,15 @@ class Run:
 
 
 def start_run(cfg, recipe: str) -> Run:
-    """Accelerator and seed; the output folder checked (writable, not an earlier run's unless resumed or
-    overwritten); the resume point; every photo decoded and screened now, not 300 steps in."""
+    """Accelerator and seed; every input checked before anything is written (folders, model files, the resume
+    point, every photo decoded and screened now, not 300 steps in); only then the output folder claimed."""
     started, train = time.perf_counter(), cfg.train
     accelerator = make_accelerator(train, cfg.output_dir, recipe)
     set_seed(train.seed)
-    resume_from = prepare_output_dir(cfg.output_dir, train.resume, train.overwrite, accelerator.is_main_process)
-    start, seen = resume_point(resume_from, samples_per_step(train, accelerator.num_processes))
-    instance, photos = screen_photos(instance_examples(cfg.data), train.resolution, cfg.data.on_bad_image,
-                                     cfg.data.buckets, cfg.data.allow_upscale)
-    return Run(accelerator, resume_from, start, seen, instance, photos, started)
+    checked = validate_run(cfg, accelerator.num_processes, accelerator.is_main_process)  # writes nothing
+    claim_run(cfg, checked, accelerator.is_main_process)  # lock, leftovers, overwrite: only now
+    return Run(accelerator, checked.resume_from, checked.start, checked.seen, checked.instance, checked.photos,
+               started)
 
 
 def add_lora(unet, vae, text_encoders: dict[str, torch.nn.Module], lora: LoraConfig, train: TrainConfig, device,
