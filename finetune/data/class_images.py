@@ -108,12 +108,12 @@ def generate_class_images(pipe, folder: str | Path, prompt: str, prior: PriorCon
         return 0
     set_scheduler(pipe, prior.generation_scheduler, "prior.generation_scheduler")
     pipe.set_progress_bar_config(disable=True)
-    bar = tqdm(total=len(todo), desc=f"class images ({prompt!r})", unit="img")
     advice = ("the class images written before are intact and will be reused: free disk space or fix "
               "permissions, then run again")
     # PNG encoding runs on a second thread while the GPU draws the next batch; a failed write (a full disk)
-    # stops the drawing after the batch in flight instead of at the end.
+    # stops the drawing after the batch in flight instead of at the end, and the bar ends before the message.
     with writing_into(folder, f"data.class_dir {folder}: could not write class images", advice), \
+            tqdm(total=len(todo), desc=f"class images ({prompt!r})", unit="img") as bar, \
             ThreadPoolExecutor(max_workers=2) as writer:
         pending = []
         for start in range(0, len(todo), prior.generation_batch_size):
@@ -129,7 +129,6 @@ def generate_class_images(pipe, folder: str | Path, prompt: str, prior: PriorCon
             bar.update(len(chunk))
         for write in pending:
             write.result()
-    bar.close()
     return len(todo)
 
 
