@@ -247,7 +247,8 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    instance_dir: str = option("", "folder of subject photos (jpg/png/webp); a .txt beside a photo is its caption")
+    instance_dir: str = option("", "folder of subject photos (jpg, png, webp, bmp, tiff: any format Pillow reads); "
+                                   "a .txt beside a photo is its caption")
     instance_prompt: str = option("a photo of sks dog", "prompt with the trigger phrase, used for uncaptioned photos")
     class_dir: str | None = option(None, "folder of class images for prior preservation (generated if short)")
     class_prompt: str = option("a photo of dog", "prompt describing the class, without the trigger phrase")
@@ -349,12 +350,13 @@ class TrainConfig:
     cache_text_embeddings: bool = option(True, "encode each prompt once when the text encoder is frozen")
     checkpoint_every: int = option(500, "save a resumable checkpoint and an export every N steps (0: only at end)")
     keep_checkpoints: int = option(3, "keep the newest K checkpoints")
-    resume: str | None = option(None, "resume from `latest` or a checkpoint folder")
+    resume: str | None = option(None, "resume from `latest` (the newest intact checkpoint) or a checkpoint folder")
     log_every: int = option(10, "steps between loss/LR updates of the progress bar and TensorBoard")
     max_bad_steps: int = option(10, "stop after this many steps in a row with a NaN/Inf loss or gradient "
                                     "(each is skipped)")
     overwrite: bool = option(False, "start afresh in an output_dir holding a finished run or checkpoints "
-                                    "(deletes its checkpoints; the export is replaced at the end)")
+                                    "(deletes its checkpoints once every input is checked; the export is replaced "
+                                    "at the end)")
     mode: Literal["custom", "fast", "low_memory"] = option(
         "custom", "preset of the speed/memory switches (see README, Speed and memory); keys you set win over it")
     autocast: bool = option(True, "run the U-Net under autocast; false runs it in the frozen weights' precision "

@@ -10,7 +10,6 @@ finished run is trained once for the module.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -194,7 +193,8 @@ ROWS = [
     # 2. Folders that must not overlap, and files finetune did not write.
     Row("class_dir is the photo folder", train("prior.num_class_images=2", "data.class_dir={photos}"),
         "data.instance_dir and data.class_dir are the same folder ({photos}); give each its own folder"),
-    Row("class_dir is a symbolic link to the photo folder", train("prior.num_class_images=2", "data.class_dir={tmp}/alias"),
+    Row("class_dir is a symbolic link to the photo folder",
+        train("prior.num_class_images=2", "data.class_dir={tmp}/alias"),
         "data.instance_dir and data.class_dir are the same folder ({photos}); give each its own folder",
         class_dir_is_photos),
     Row("output_dir is the photo folder (its README.md stays)", train("output_dir={photos}"),
@@ -265,8 +265,10 @@ ROWS = [
         "{run}/checkpoints"),
 
     # 5. Every number and choice checked before any model loads; YAML keys given twice.
-    Row("learning rate inf", train("train.learning_rate=.inf"), "train.learning_rate: must be a finite number, got inf"),
-    Row("learning rate nan", train("train.learning_rate=.nan"), "train.learning_rate: must be a finite number, got nan"),
+    Row("learning rate inf", train("train.learning_rate=.inf"),
+        "train.learning_rate: must be a finite number, got inf"),
+    Row("learning rate nan", train("train.learning_rate=.nan"),
+        "train.learning_rate: must be a finite number, got nan"),
     Row("alpha nan", train("lora.alpha=nan"), "lora.alpha: must be a finite number, got nan"),
     Row("snr gamma inf", train("loss.snr_gamma=-.inf"), "loss.snr_gamma: must be a finite number, got -inf"),
     Row("negative prior weight", train("prior.loss_weight=-1"), "prior.loss_weight: must be 0 or more"),
@@ -301,7 +303,8 @@ ROWS = [
         "pixels) exceeds limit of <any> pixels, could be decompression bomb DOS attack.); downscale it" + SKIP_HINT,
         lambda env: decompression_bomb(env.photos / "bomb.png")),
     Row("a broken symbolic link", train(), "{photos}/gone.jpg: a symbolic link to {tmp}/moved.jpg, which does not "
-        "exist; fix or remove the link" + SKIP_HINT, lambda env: (env.photos / "gone.jpg").symlink_to(env.tmp / "moved.jpg")),
+        "exist; fix or remove the link" + SKIP_HINT,
+        lambda env: (env.photos / "gone.jpg").symlink_to(env.tmp / "moved.jpg")),
     Row("a truncated BMP is read, so named", train(),
         "{photos}/scan.bmp: not a readable image (<any>); replace or remove the file" + SKIP_HINT,
         lambda env: truncated(env.photos / "scan.bmp", "BMP")),
@@ -351,7 +354,8 @@ ROWS = [
         "--out {tmp}/photos is a folder that is not empty; a fused model goes to a new or empty folder"),
     Row("export: scale nan", cli("export", "{run}", "--fuse", "--base", "{model}", "--scale", "nan", "--out",
                                  "{tmp}/merged"), "--scale nan: must be a finite number, e.g. 0.8"),
-    Row("export: source that is not there", cli("export", "{tmp}/nope", "--format", "kohya", "--out", "{tmp}/x.safetensors"),
+    Row("export: source that is not there",
+        cli("export", "{tmp}/nope", "--format", "kohya", "--out", "{tmp}/x.safetensors"),
         "{tmp}/nope: no such LoRA file or run folder"),
     Row("plan: a card of 0 GiB", cli("plan", SD15, "model.pretrained={model}", "--gpu-memory", "0GiB"),
         "--gpu-memory '0GiB': must be a size above 0, e.g. 8GiB, 6GB or 6144MiB"),
