@@ -151,6 +151,7 @@ def run_ours(arch: str, data: dict, steps: int, name: str, overrides: list[str],
             "peak_gpu_mib": memory.peak, "torch_reserved_mib": summary.get("peak_reserved_mib"),
             "cuda_graphs": summary.get("cuda_graphs"), "optimizer": summary.get("optimizer"), "steps": steps,
             "setup_s": summary.get("setup_seconds"), "train_s": summary.get("train_seconds"),
+            "phase_s": summary.get("phase_seconds"), "phase_peak_reserved_mib": summary.get("phase_peak_reserved_mib"),
             "wall_s": round(wall, 1), "command": "accelerate launch " + " ".join(shlex.quote(c) for c in cmd[3:])}
 
 
@@ -204,11 +205,11 @@ def markdown_rows(arch: str, results: list[dict], meta: dict) -> list[str]:
     for r in results:
         if r["who"] != "finetune" or not r.get("it_per_s"):
             continue
-        p = peer.get("default", {})
+        p = peer.get("default") or next(iter(peer.values()), {})  # the peer's variant of this run
         ratio = r["it_per_s"] / p["it_per_s"] if p.get("it_per_s") else float("nan")
         mem = r["peak_gpu_mib"] / p["peak_gpu_mib"] if p.get("peak_gpu_mib") and r["peak_gpu_mib"] else float("nan")
         rows.append(f"| {meta['date']} | {meta['gpu']} | {arch} {r['variant']} | {r['it_per_s']:.2f} it/s, "
-                    f"{r['peak_gpu_mib']} MiB | {p.get('it_per_s')} it/s, {p.get('peak_gpu_mib')} MiB | "
+                    f"{r['peak_gpu_mib']} MiB | {p.get('variant', 'peer')}: {p.get('it_per_s')} it/s, {p.get('peak_gpu_mib')} MiB | "
                     f"{ratio:.2f}x speed, {mem:.2f}x memory |")
     return rows
 

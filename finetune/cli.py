@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import argparse
-import errno
+import contextlib
 import importlib
+import math
 import logging
 import os
 import sys
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .errors import FinetuneError
+from .storage import storage_reason, writing_into
 
 DEFAULT_RECIPE = "dreambooth_lora"
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def recipe_module(name: str):
@@ -30,11 +33,118 @@ def load_recipe_config(path: str | None, overrides: list[str]):
     return module, load(module.Config, path, overrides)
 
 
+# Argument checks of generate, export and plan: each a one-line error naming the flag, before any model loads.
+
+def check_at_least(flag: str, value: int, least: int = 1) -> None:
+    if value < least:
+        raise FinetuneError(f"{flag} {value}: must be at least {least}")
+
+
+def check_finite(flag: str, value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise FinetuneError(f"{flag} {value}: must be a finite number, 0 or more")
+
+
+def check_model_arg(flag: str, model: str) -> None:
+    """The model path or Hub id exists and is not pickle weights (the checks load_pipeline makes first)."""
+    from .models import describe_source
+    try:
+        describe_source(model)
+    except FinetuneError as exc:  # its message names the config key; here the user typed a flag
+        raise FinetuneError(str(exc).replace("model.pretrained:", f"{flag}", 1)) from None
+
+
+def check_generate_args(args) -> None:
+    import torch
+
+    from .config import SAMPLERS
+    from .inference import parse_lora_arg
+    from .training.run_dir import check_could_write
+    check_at_least("--num-images", args.num_images)
+    check_at_least("--steps", args.steps)
+    check_at_least("--seed", args.seed, 0)
+    check_finite("--guidance", args.guidance)
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise FinetuneError(f"--resolution {args.resolution}: must be a positive multiple of 8, e.g. 512")
+    if not all(prompt.strip() for prompt in args.prompt):
+        raise FinetuneError("--prompt is empty; describe the image, e.g. --prompt 'a photo of sks dog'")
+    if args.scheduler not in SAMPLERS:
+        raise FinetuneError(f"--scheduler: {args.scheduler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    check_model_arg("--model", args.model)
+    for text in args.lora:
+        path, scale = parse_lora_arg(text)
+        if not Path(path).exists():
+            raise FinetuneError(f"--lora {path}: no such file or folder")
+        if not math.isfinite(scale):
+            raise FinetuneError(f"--lora {text}: the scale after ':' must be a finite number, e.g. {path}:0.8")
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise FinetuneError(f"--device {args.device}: not a device; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise FinetuneError(f"--device {args.device}: no CUDA GPU here; use --device cpu")
+    check_could_write(Path(args.out), "--out")
+
+
+def check_export_args(args) -> None:
+    """The source exists, --out replaces neither its source, its base model nor a file finetune did not write."""
+    from .export.diffusers_format import WEIGHT_NAME
+    from .training.run_dir import check_could_write, written_by_finetune
+    src, out = Path(args.src), Path(args.out)
+    if not src.exists():
+        raise FinetuneError(f"{src}: no such LoRA file or run folder")
+    if not math.isfinite(args.scale):
+        raise FinetuneError(f"--scale {args.scale}: must be a finite number, e.g. 0.8")
+    source_file = src / WEIGHT_NAME if src.is_dir() else src
+    target = out if out.suffix == ".safetensors" else out / WEIGHT_NAME
+    if args.fuse and args.base:
+        check_model_arg("--base", args.base)
+        base = Path(args.base).resolve()
+        if out.resolve() == base or out.resolve().is_relative_to(base):
+            raise FinetuneError(f"--out {out} is the base model or inside it, which would be overwritten; choose "
+                                "another --out")
+        if out.suffix != ".safetensors" and out.is_dir() and any(out.iterdir()):
+            raise FinetuneError(f"--out {out} is a folder that is not empty; a fused model goes to a new or empty "
+                                "folder")
+        target = out
+    if target.resolve() == source_file.resolve():
+        raise FinetuneError(f"--out {out} would overwrite the LoRA it is made from ({source_file}); choose another "
+                            "--out")
+    if target.is_file() and not written_by_finetune(target):
+        raise FinetuneError(f"--out {target} exists and finetune did not write it; choose another --out or move "
+                            "the file away")
+    check_could_write(target.parent, "--out")
+
+
+def check_plan_args(args) -> float:
+    """--gpu-memory in MiB, after checking it and --json."""
+    from .plan import parse_size
+    from .training.run_dir import check_could_write
+    try:
+        mib = parse_size(args.gpu_memory)
+    except ValueError:
+        mib = math.nan
+    if not (math.isfinite(mib) and mib > 0):
+        raise FinetuneError(f"--gpu-memory {args.gpu_memory!r}: must be a size above 0, e.g. 8GiB, 6GB or 6144MiB")
+    if args.json:
+        if Path(args.json).is_dir():
+            raise FinetuneError(f"--json {args.json} is a folder; give a file name, e.g. plan.json")
+        check_could_write(Path(args.json).resolve().parent, "--json")
+    return mib
+
+
 def cmd_train(args) -> None:
     from .training.interrupt import catch_stop_signals
+    from .training.run_lock import release_run_lock
     module, cfg = load_recipe_config(args.config, args.overrides)
-    with catch_stop_signals():  # SIGINT/SIGTERM save a checkpoint, then exit 130/143
-        module.main(cfg)
+    advice = ("earlier files are intact: free disk space or fix permissions, then run again "
+              "(train.resume=latest continues training)")
+    try:
+        with catch_stop_signals(), writing_into(cfg.output_dir, f"output_dir {cfg.output_dir}", advice):
+            module.main(cfg)  # SIGINT/SIGTERM save a checkpoint, then exit 130/143
+    finally:
+        release_run_lock(cfg.output_dir)
 
 
 def cmd_show_config(args) -> None:
@@ -52,9 +162,10 @@ def cmd_show_config(args) -> None:
 def cmd_plan(args) -> None:
     import json
 
-    from .plan import parse_size, plan_report
+    from .plan import plan_report
+    gpu_mib = check_plan_args(args)
     module, _ = load_recipe_config(args.config, args.overrides)
-    text, data = plan_report(module.Config, args.config, args.overrides, parse_size(args.gpu_memory))
+    text, data = plan_report(module.Config, args.config, args.overrides, gpu_mib)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
@@ -62,10 +173,11 @@ def cmd_plan(args) -> None:
 
 def cmd_generate(args) -> None:
     from .config import ModelConfig
-    from .data.images import image_grid
+    from .data.images import save_images
     from .inference import device_and_dtype, generate, load_loras, parse_lora_arg, set_scheduler
     from .models import load_pipeline
 
+    check_generate_args(args)
     device, dtype = device_and_dtype(args.device)
     pipe = load_pipeline(ModelConfig(pretrained=args.model), dtype=dtype)
     load_loras(pipe, [parse_lora_arg(text) for text in args.lora])
@@ -74,15 +186,13 @@ def cmd_generate(args) -> None:
     pipe.set_progress_bar_config(disable=True)
     images = generate(pipe, args.prompt, args.num_images, args.seed, args.steps, args.guidance, args.resolution)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(out / f"{i:04d}.png")
-    image_grid(images, rows=len(args.prompt)).save(out / "grid.png")
+    save_images(images, out, rows=len(args.prompt))  # each file written atomically
     print(f"wrote {len(images)} images and grid.png to {out}")
 
 
 def cmd_export(args) -> None:
     from .config import ModelConfig
+    check_export_args(args)
     if args.fuse:
         from .export.merge import fuse_lora_into
         if not args.base:
@@ -179,21 +289,31 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+# The folder each command writes into, named when the disk fills or turns out read-only there (train names its
+# output_dir itself). Every file is written under a temporary name and renamed, so earlier ones are intact.
+WRITES_INTO = {"generate": "out", "export": "out", "demo": "out"}
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
+    folder = getattr(args, WRITES_INTO.get(args.command, ""), None)
     try:
-        args.func(args)
+        with writing_into(folder, f"--out {folder}", "earlier files are intact: free disk space or fix "
+                          "permissions, then run again") if folder else contextlib.nullcontext():
+            args.func(args)
     except FinetuneError as exc:
         print(f"finetune: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
-    except OSError as exc:
-        if exc.errno not in DISK_ERRORS:
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        reason = storage_reason(exc, getattr(exc, "filename", None))
+        if reason is None:
             raise
-        # A full disk or a read-only folder mid-run: every file is written under a temporary name and renamed,
-        # so what was written before (checkpoints, the previous export) is intact.
-        print(f"finetune: error: {exc.filename or 'writing'}: {exc.strerror}; earlier files are intact: free disk "
-              "space or fix permissions, then run again (train.resume=latest continues training)", file=sys.stderr)
+        # A full disk or a read-only folder that no command named: every file is written under a temporary name
+        # and renamed, so what was written before (checkpoints, the previous export) is intact.
+        where = os.path.dirname(exc.filename) if getattr(exc, "filename", None) else "writing"
+        print(f"finetune: error: {where}: {reason}; earlier files are intact: free disk space or fix permissions, "
+              "then run again (train.resume=latest continues training)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@ with the dotted key named, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -28,15 +29,45 @@ def option(default: Any, doc: str) -> Any:
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass the path of a YAML file (see recipes/configs/)")
+        hint = " (it looks like an override: the config file comes first)" if "=" in str(path) else ""
+        raise ConfigError(f"{path}: config file not found{hint}; pass the path of a YAML file (see recipes/configs/)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        repeated = repeated_key(yaml.compose(text, Loader=yaml.SafeLoader))
+        data = yaml.safe_load(text) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{path}: not valid YAML ({first_line}); fix the file and run again") from None
+    if repeated:
+        key, first, again = repeated
+        raise ConfigError(f"{path}: line {again}: {key} is given twice (first on line {first}); YAML would keep "
+                          "only the second, so delete or merge one of them")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train:, ...)")
     return data
+
+
+def repeated_key(node, prefix: str = "") -> tuple[str, int, int] | None:
+    """(dotted key, first line, second line) of the first key given twice in one mapping of a composed YAML
+    document, or None. PyYAML's loaders keep the last of two equal keys without a word, so a second `train:`
+    section would silently replace the first."""
+    if isinstance(node, yaml.SequenceNode):
+        return next(filter(None, (repeated_key(item, f"{prefix}[{i}].") for i, item in enumerate(node.value))),
+                    None)
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        line = key_node.start_mark.line + 1
+        if key_node.value in seen:
+            return prefix + key_node.value, seen[key_node.value], line
+        seen[key_node.value] = line
+        found = repeated_key(value_node, f"{prefix}{key_node.value}.")
+        if found:
+            return found
+    return None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -99,6 +130,7 @@ MODES = {
     # Activations recomputed instead of stored, the frozen U-Net in 4 bits, 8-bit optimizer state.
     "low_memory": {"model": {"quantize_unet": "nf4"},
                    "train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "vae_tiling": True,
+                             "expandable_segments": True,
                              "gradient_checkpointing": True, "optimizer": "adamw8bit"}},
 }
 
@@ -181,7 +213,13 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):  # YAML's .inf and .nan: a NaN learning rate trains a LoRA of NaNs
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -193,6 +231,11 @@ def check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
 
+
+# Choice keys, checked when the config is built (before any model loads). The samplers are inference.SCHEDULERS'
+# names plus `default` and the schedules diffusers' get_scheduler takes; tests/test_config.py holds them equal.
+SAMPLERS = ("dpm++", "ddim", "euler", "euler_a", "pndm", "default")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 # Sections shared by the recipes. A recipe's Config composes the ones it needs.
 
@@ -213,7 +256,8 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    instance_dir: str = option("", "folder of subject photos (jpg/png/webp); a .txt beside a photo is its caption")
+    instance_dir: str = option("", "folder of subject photos (jpg, png, webp, bmp, tiff: any format Pillow reads); "
+                                   "a .txt beside a photo is its caption")
     instance_prompt: str = option("a photo of sks dog", "prompt with the trigger phrase, used for uncaptioned photos")
     class_dir: str | None = option(None, "folder of class images for prior preservation (generated if short)")
     class_prompt: str = option("a photo of dog", "prompt describing the class, without the trigger phrase")
@@ -242,6 +286,8 @@ class DataConfig:
         check(self.repeats >= 1, "data.repeats", "must be at least 1")
         check(0 <= self.caption_dropout <= 1, "data.caption_dropout", "must be in [0, 1]")
         check(self.keep_tags >= 0, "data.keep_tags", "must be 0 or more")
+        check(len(self.caption_extension) > 1 and self.caption_extension.startswith(".") and
+              "/" not in self.caption_extension, "data.caption_extension", "must be a file ending such as .txt")
 
 
 @dataclasses.dataclass
@@ -251,13 +297,16 @@ class PriorConfig:
     loss_weight: float = option(1.0, "weight of the class-image loss against the instance loss")
     generation_batch_size: int = option(4, "class images generated per batch")
     generation_steps: int = option(25, "sampler steps per generated class image")
-    generation_scheduler: str = option("dpm++", "sampler for class images: dpm++, ddim, euler, pndm or default")
+    generation_scheduler: Literal[SAMPLERS] = option("dpm++", "sampler for class images: dpm++, ddim, euler, "
+                                                              "euler_a, pndm or default")
     guidance_scale: float = option(7.5, "classifier-free guidance scale for class images")
 
     def __post_init__(self):
         check(self.num_class_images >= 0, "prior.num_class_images", "must be 0 (off) or more")
         check(self.generation_batch_size >= 1, "prior.generation_batch_size", "must be at least 1")
         check(self.generation_steps >= 1, "prior.generation_steps", "must be at least 1")
+        check(self.loss_weight >= 0, "prior.loss_weight", "must be 0 or more")
+        check(self.guidance_scale >= 0, "prior.guidance_scale", "must be 0 or more")
 
 
 @dataclasses.dataclass
@@ -302,22 +351,25 @@ class TrainConfig:
     optimizer: Literal["adamw8bit", "adamw"] = option("adamw8bit", "adamw8bit (bitsandbytes, CUDA) or adamw")
     weight_decay: float = option(1e-2, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 turns clipping off)")
-    lr_scheduler: str = option("constant", "constant, linear, cosine, cosine_with_restarts, polynomial, "
-                                           "constant_with_warmup")
+    lr_scheduler: Literal[LR_SCHEDULES] = option("constant", "constant, linear, cosine, cosine_with_restarts, "
+                                                             "polynomial, constant_with_warmup")
     lr_warmup_steps: int = option(0, "steps of linear warmup at the start")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     cache_latents: bool = option(True, "encode each photo once with the VAE (off when center_crop is false)")
     cache_text_embeddings: bool = option(True, "encode each prompt once when the text encoder is frozen")
+    expandable_segments: bool = option(False, "CUDA memory in growable segments (PYTORCH_CUDA_ALLOC_CONF="
+                                              "expandable_segments): less fragmentation, a lower peak on small cards")
     vae_tiling: bool = option(False, "encode photos larger than 512 px in overlapping 512 px tiles: a quarter of the "
                                      "VAE's working memory at 1024 px; latents differ slightly from untiled")
     checkpoint_every: int = option(500, "save a resumable checkpoint and an export every N steps (0: only at end)")
     keep_checkpoints: int = option(3, "keep the newest K checkpoints")
-    resume: str | None = option(None, "resume from `latest` or a checkpoint folder")
+    resume: str | None = option(None, "resume from `latest` (the newest intact checkpoint) or a checkpoint folder")
     log_every: int = option(10, "steps between loss/LR updates of the progress bar and TensorBoard")
     max_bad_steps: int = option(10, "stop after this many steps in a row with a NaN/Inf loss or gradient "
                                     "(each is skipped)")
     overwrite: bool = option(False, "start afresh in an output_dir holding a finished run or checkpoints "
-                                    "(deletes its checkpoints; the export is replaced at the end)")
+                                    "(deletes its checkpoints once every input is checked; the export is replaced "
+                                    "at the end)")
     mode: Literal["custom", "fast", "low_memory"] = option(
         "custom", "preset of the speed/memory switches (see README, Speed and memory); keys you set win over it")
     autocast: bool = option(True, "run the U-Net under autocast; false runs it in the frozen weights' precision "
@@ -332,6 +384,8 @@ class TrainConfig:
             check(getattr(self, key) >= 0, f"train.{key}", "must be 0 or more")
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
         check(self.learning_rate > 0, "train.learning_rate", "must be positive")
+        check(self.weight_decay >= 0, "train.weight_decay", "must be 0 or more")
+        check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 (no clipping) or positive")
         check(self.resolution % 8 == 0, "train.resolution", "must be a multiple of 8")
         check(not (self.cuda_graphs and self.autocast), "train.cuda_graphs",
               "needs train.autocast=false (autocast's weight cache cannot be replayed by a graph)")
@@ -356,13 +410,16 @@ class ValidationConfig:
     seed: int = option(0, "seed of the first image of each prompt")
     steps: int = option(25, "sampler steps per validation image")
     guidance: float = option(7.5, "classifier-free guidance scale for validation images")
-    scheduler: str = option("dpm++", "sampler for validation images: dpm++, ddim, euler, euler_a, pndm or default")
+    scheduler: Literal[SAMPLERS] = option("dpm++", "sampler for validation images: dpm++, ddim, euler, euler_a, "
+                                                   "pndm or default")
     before_after: bool = option(True, "at the end, a grid of base-model vs LoRA images with the same seeds")
 
     def __post_init__(self):
         check(self.every >= 0, "validation.every", "must be 0 or more")
         check(self.num_images >= 1, "validation.num_images", "must be at least 1")
         check(self.steps >= 1, "validation.steps", "must be at least 1")
+        check(self.seed >= 0, "validation.seed", "must be 0 or more")
+        check(self.guidance >= 0, "validation.guidance", "must be 0 or more")
 
 
 @dataclasses.dataclass
@@ -377,3 +434,6 @@ class DreamBoothConfig:
     validation: ValidationConfig = option(ValidationConfig(), "images drawn while training")
     export: ExportConfig = option(ExportConfig(), "extra export formats, model card and Hub upload")
     output_dir: str = option("runs/dreambooth-lora", "checkpoints, TensorBoard logs and the exported LoRA go here")
+
+    def __post_init__(self):
+        check(bool(self.output_dir.strip()), "output_dir", "must name a folder for the run, e.g. runs/my-dog")

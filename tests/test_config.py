@@ -113,3 +113,12 @@ def test_launch_configs_single_gpu_default_and_multi_gpu_examples():
         assert config.distributed_type == "MULTI_GPU" and config.num_processes >= 2
     node = ClusterConfig.from_yaml_file(str(root / "examples" / "accelerate_multi_node.yaml"))
     assert node.num_machines == 2 and node.main_process_ip and node.main_process_port
+
+
+def test_choice_keys_name_exactly_what_the_libraries_accept():
+    from diffusers.optimization import SchedulerType
+
+    from finetune.config import LR_SCHEDULES, SAMPLERS
+    from finetune.inference import SCHEDULERS
+    assert set(SAMPLERS) == set(SCHEDULERS) | {"default"}
+    assert set(LR_SCHEDULES) <= {kind.value for kind in SchedulerType}

@@ -6,6 +6,7 @@ count, sees the same captions.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -13,17 +14,38 @@ import torch
 from ..errors import FinetuneError
 from .images import read_caption
 
+log = logging.getLogger("finetune")
 CAPTION_EXTENSIONS = (".txt", ".caption")
 TRIGGER = "{trigger}"
 
 
 def find_caption(image_path: Path, extension: str = ".txt") -> str | None:
     """The caption file beside a photo: `extension` first, then .txt and .caption; None when there is none."""
+    found = caption_source(image_path, extension)
+    return found[1] if found else None
+
+
+def caption_source(image_path: Path, extension: str = ".txt") -> tuple[Path, str] | None:
+    """(the caption file find_caption reads, its caption), or None."""
     for ext in dict.fromkeys((extension, *CAPTION_EXTENSIONS)):
         caption = read_caption(image_path, ext)
         if caption is not None:
-            return caption
+            return image_path.with_suffix(ext), caption
     return None
+
+
+def warn_long_prompts(prompts: dict[str, str], tokenizer) -> list[str]:
+    """Warn, naming where each came from, about prompts longer than the text encoder reads (CLIP: 77 tokens with
+    its start and end tokens): the rest is cut off in training. `prompts` maps a source (a caption file,
+    data.instance_prompt) to its prompt; returns the sources warned about."""
+    limit, warned = tokenizer.model_max_length, []
+    for source, prompt in prompts.items():
+        count = len(tokenizer(prompt, truncation=False).input_ids)
+        if count > limit:
+            log.warning("warning: %s: the prompt is %d tokens, but the text encoder reads %d (with its start and "
+                        "end tokens); the rest is cut off: shorten it", source, count, limit)
+            warned.append(source)
+    return warned
 
 
 def with_trigger(caption: str, trigger: str | None, where: str = "caption") -> str:

@@ -3,21 +3,67 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import PriorConfig
+from ..errors import FinetuneError
 from ..inference import set_scheduler
-from .images import IMAGE_SUFFIXES
+from ..storage import writing_into
+from .images import IMAGE_SUFFIXES, list_images, open_rgb, save_png_atomically
+
+log = logging.getLogger("finetune")
+GENERATED = re.compile(r"class-(\d{5,})-([0-9a-f]{12})\.png")
 
 
+@dataclass
+class ClassFolderReport:
+    good: int = 0                                       # class images that decode (ours and the user's)
+    broken: list[Path] = field(default_factory=list)    # ours that do not: removed and drawn again
 
-GENERATED = re.compile(r"class-(\d{5,})-[0-9a-f]{12}\.png")
+
+def screen_class_images(folder: str | Path | None) -> ClassFolderReport:
+    """Check the class images an earlier run (or the user) left, before anything is written.
+
+    Our own files carry their content hash in their name, so a match proves one intact without decoding it;
+    one of ours that is cut short (a crash mid-write where rename is not atomic) or does not decode is listed
+    in `broken`, to be removed and drawn again. A user's image that does not decode is an error naming it:
+    finetune never deletes a file it did not write."""
+    report = ClassFolderReport()
+    folder = Path(folder) if folder else None
+    if folder is None or not folder.exists():
+        return report
+    if not folder.is_dir():
+        raise FinetuneError(f"data.class_dir: {folder} is a file, not a folder; point it at a folder")
+    paths = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    if not paths:
+        return report
+    for path in list_images(folder, "data.class_dir"):
+        ours = GENERATED.fullmatch(path.name)
+        if ours and path.is_file() and hashlib.sha1(path.read_bytes()).hexdigest()[:12] == ours.group(2):
+            report.good += 1
+            continue
+        try:
+            open_rgb(path)
+            report.good += 1
+        except FinetuneError as exc:
+            if not ours:
+                raise FinetuneError(f"data.class_dir: {exc}") from None
+            report.broken.append(path)
+    return report
+
+
+def remove_broken_class_images(report: ClassFolderReport) -> None:
+    for path in report.broken:
+        log.warning("warning: %s is cut short or does not decode (left by an interrupted run); drawing it again",
+                    path)
+        path.unlink(missing_ok=True)
 
 
 def missing_class_indices(folder: Path, wanted: int) -> list[int]:
@@ -27,7 +73,8 @@ def missing_class_indices(folder: Path, wanted: int) -> list[int]:
     counts too. The gaps are filled first, so a run that several processes left half done (say images 1 and 3
     written, 0 and 2 not) completes with every index once rather than redrawing taken ones.
     """
-    paths = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else []
+    paths = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")] \
+        if folder.is_dir() else []
     taken = {int(m.group(1)) for m in map(GENERATED.fullmatch, (p.name for p in paths)) if m}
     short = wanted - len(paths)
     missing, index = [], 0
@@ -43,11 +90,7 @@ def write_png_atomically(image, folder: Path, index: int) -> Path:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     digest = hashlib.sha1(buffer.getvalue()).hexdigest()[:12]
-    path = folder / f"class-{index:05d}-{digest}.png"
-    tmp = folder / f".{path.name}.tmp"
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
-    return path
+    return save_png_atomically(image, folder / f"class-{index:05d}-{digest}.png", buffer.getvalue())
 
 
 @torch.no_grad()
@@ -65,9 +108,13 @@ def generate_class_images(pipe, folder: str | Path, prompt: str, prior: PriorCon
         return 0
     set_scheduler(pipe, prior.generation_scheduler, "prior.generation_scheduler")
     pipe.set_progress_bar_config(disable=True)
-    bar = tqdm(total=len(todo), desc=f"class images ({prompt!r})", unit="img")
-    # PNG encoding runs on a second thread while the GPU draws the next batch.
-    with ThreadPoolExecutor(max_workers=2) as writer:
+    advice = ("the class images written before are intact and will be reused: free disk space or fix "
+              "permissions, then run again")
+    # PNG encoding runs on a second thread while the GPU draws the next batch; a failed write (a full disk)
+    # stops the drawing after the batch in flight instead of at the end, and the bar ends before the message.
+    with writing_into(folder, f"data.class_dir {folder}: could not write class images", advice), \
+            tqdm(total=len(todo), desc=f"class images ({prompt!r})", unit="img") as bar, \
+            ThreadPoolExecutor(max_workers=2) as writer:
         pending = []
         for start in range(0, len(todo), prior.generation_batch_size):
             chunk = todo[start:start + prior.generation_batch_size]
@@ -75,12 +122,13 @@ def generate_class_images(pipe, folder: str | Path, prompt: str, prior: PriorCon
             images = pipe([prompt] * len(chunk), num_inference_steps=prior.generation_steps,
                           guidance_scale=prior.guidance_scale, height=resolution, width=resolution,
                           generator=generators).images
-            pending += [writer.submit(write_png_atomically, image, folder, index)
-                        for index, image in zip(chunk, images)]
+            for write in pending:
+                write.result()  # re-raises a failed write of the previous batch
+            pending = [writer.submit(write_png_atomically, image, folder, index)
+                       for index, image in zip(chunk, images)]
             bar.update(len(chunk))
         for write in pending:
-            write.result()  # re-raises a failed write (a full disk) here
-    bar.close()
+            write.result()
     return len(todo)
 
 

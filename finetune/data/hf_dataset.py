@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from ..errors import FinetuneError
 from .images import open_rgb, to_rgb
@@ -54,7 +54,7 @@ def row_image(data, index: int, column: str) -> Image.Image:
         if isinstance(value, Image.Image):
             value.load()
             return to_rgb(ImageOps.exif_transpose(value))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on corrupt bytes (DecompressionBombError, ...)
         raise FinetuneError(f"data.dataset row {index} ({column!r}): not a readable image ({exc}); fix or drop "
                             "the row") from None
     if isinstance(value, str):

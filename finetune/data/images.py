@@ -1,38 +1,74 @@
 """Decode photos the same way everywhere: EXIF orientation applied, any mode to RGB, resize and crop."""
 from __future__ import annotations
 
+import io
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from ..errors import FinetuneError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+log = logging.getLogger("finetune")
+# Every file ending Pillow can open (BMP, TIFF, GIF, ...), not only the common four: a photo in a format Pillow
+# reads is trained on, never silently dropped. Image.OPEN leaves out the endings Pillow can only write (.pdf).
+Image.init()
+IMAGE_SUFFIXES = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
+COMMON_SUFFIXES = ".jpg, .png, .webp"
+# Files that sit beside photos and are not photos: captions and metadata, read elsewhere or not at all.
+COMPANION_SUFFIXES = (".txt", ".caption", ".json", ".jsonl", ".md", ".csv", ".yaml", ".yml")
 
 
-def list_images(folder: str | Path, key: str) -> list[Path]:
-    """The photos in `folder`, sorted; a one-line error naming `key` if the folder is missing or has none."""
+def list_images(folder: str | Path, key: str, companions: tuple[str, ...] = COMPANION_SUFFIXES) -> list[Path]:
+    """The photos in `folder`, sorted; a one-line error naming `key` if the folder is missing or has none.
+
+    Hidden files (macOS' ._* AppleDouble twins, .DS_Store) are not photos. A broken symbolic link with a photo's
+    ending is listed, so screening names it. Anything else that is not a photo (a .heic Pillow cannot read, a
+    subfolder) is named in one warning rather than dropped silently; captions and `companions` are expected."""
     if not folder:
         raise FinetuneError(f"{key} is not set; point it at a folder of photos")
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FinetuneError(f"{key}: folder {folder} does not exist; create it or fix the path")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths, ignored = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.suffix.lower() in IMAGE_SUFFIXES and (path.is_file() or not path.exists()):
+            paths.append(path)
+        elif path.is_dir():
+            ignored.append(path.name + "/")
+        elif path.suffix.lower() not in companions:
+            ignored.append(path.name)
+    if ignored:
+        log.warning("warning: %s: ignoring %s (not photos Pillow reads; subfolders are not searched)", key,
+                    ", ".join(ignored[:10]) + (f" and {len(ignored) - 10} more" if len(ignored) > 10 else ""))
     if not paths:
-        raise FinetuneError(f"{key}: {folder} has no photos ({', '.join(IMAGE_SUFFIXES)}); add some")
+        raise FinetuneError(f"{key}: {folder} has no photos ({COMMON_SUFFIXES} or another format Pillow reads); "
+                            "add some")
     return paths
 
 
 def open_rgb(path: str | Path) -> Image.Image:
     """Open a photo upright and in 8-bit RGB, whatever its mode; a one-line error if it is not an image."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise FinetuneError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; fix or remove "
+                            "the link")
     try:
         with Image.open(path) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise FinetuneError(f"{path}: not a readable image ({exc}); replace or remove the file") from None
+    except Image.DecompressionBombError as exc:
+        raise FinetuneError(f"{path}: not decoded, too many pixels ({exc}); downscale it") from None
+    except (MemoryError, RecursionError) as exc:
+        raise FinetuneError(f"{path}: not decoded ({type(exc).__name__}); re-save it smaller") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise a zoo of types on corrupt input
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise FinetuneError(f"{path}: not a readable image ({reason}); replace or remove the file") from None
     return to_rgb(image)
 
 
@@ -82,7 +118,7 @@ def read_caption(image_path: Path, extension: str) -> str | None:
     if not caption_path.is_file():
         return None
     try:
-        text = caption_path.read_text(encoding="utf-8").strip()
+        text = caption_path.read_text(encoding="utf-8-sig").strip()  # -sig: Notepad's byte-order mark is not text
     except UnicodeDecodeError:
         raise FinetuneError(f"{caption_path}: caption is not UTF-8 text; re-save it as UTF-8") from None
     return text or None
@@ -96,3 +132,28 @@ def image_grid(images: list[Image.Image], rows: int) -> Image.Image:
     for i, image in enumerate(images):
         grid.paste(image.resize((width, height)), ((i % cols) * width, (i // cols) * height))
     return grid
+
+
+def save_png_atomically(image: Image.Image, path: Path, data: bytes | None = None) -> Path:
+    """Write `image` (or its already encoded PNG `data`) to `path` under a temporary name, then rename: a full
+    disk or a crash leaves the earlier file at `path`, or none, never half a PNG. The temporary file goes too."""
+    if data is None:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_images(images: list[Image.Image], folder: str | Path, rows: int) -> list[Path]:
+    """0000.png, 0001.png, ... and grid.png (`rows` rows) in `folder`, each written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [save_png_atomically(image, folder / f"{i:04d}.png") for i, image in enumerate(images)]
+    return written + [save_png_atomically(image_grid(images, rows), folder / "grid.png")]

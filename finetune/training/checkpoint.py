@@ -2,18 +2,25 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+import zipfile
 from pathlib import Path
 
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import FinetuneError
 from ..lora import load_lora_state, lora_state
+from ..storage import storage_reason
 
+log = logging.getLogger("finetune")
 CHECKPOINTS = "checkpoints"
 PROGRESS = "progress.json"
+STEP_FOLDER = re.compile(r"step-(\d+)")
 
 
 def register_lora_only_saving(accelerator: Accelerator) -> None:
@@ -31,18 +38,71 @@ def register_lora_only_saving(accelerator: Accelerator) -> None:
             if not os.path.isfile(path):
                 raise FinetuneError(f"{input_dir}: checkpoint has no lora_{i}.safetensors; it was written with "
                                     "other LoRA settings (lora.text_encoder?) than this run's")
-            load_lora_state(accelerator.unwrap_model(model), load_file(path))
+            try:
+                load_lora_state(accelerator.unwrap_model(model), load_file(path))
+            except RuntimeError as exc:  # shapes of another model or rank
+                raise FinetuneError(f"{path}: does not fit this run's model and LoRA settings "
+                                    f"({str(exc).strip().splitlines()[0][:200]}); resume with the model and lora.* "
+                                    "settings it was trained with") from None
         models.clear()
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
 
 
+def step_folders(output_dir: str | Path) -> list[Path]:
+    """Every checkpoints/step-N folder, finished or not, oldest first (by the N in its name)."""
+    root = Path(output_dir) / CHECKPOINTS
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_FOLDER.fullmatch(p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(STEP_FOLDER.fullmatch(p.name).group(1)))
+
+
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     """Finished checkpoints, oldest first (a folder counts once its progress file is in place)."""
-    root = Path(output_dir) / CHECKPOINTS
-    found = [p for p in root.glob("step-*") if (p / PROGRESS).is_file()] if root.is_dir() else []
-    return sorted(found, key=lambda p: json.loads((p / PROGRESS).read_text())["step"])
+    return [p for p in step_folders(output_dir) if (p / PROGRESS).is_file()]
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why checkpoint folder `path` cannot be resumed from (cut short, a part missing, unreadable), or None.
+
+    progress.json lists every file of the checkpoint with its size when it was written, so a part that is
+    missing or cut short shows without loading anything; each file is also parsed (safetensors header and
+    data, the zip archives torch.save writes), which catches what a listing cannot."""
+    try:
+        progress = json.loads((path / PROGRESS).read_text())
+        int(progress["step"])
+    except FileNotFoundError:
+        return f"no {PROGRESS}: the save was cut short"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{PROGRESS} is unreadable ({type(exc).__name__}: {str(exc)[:80]})"
+    listed = progress.get("files") or {"lora_0.safetensors": None}  # checkpoints written before the list
+    for name, size in listed.items():
+        part = path / name
+        if not part.is_file():
+            return f"{name} is missing"
+        if size is not None and part.stat().st_size != size:
+            return f"{name} is {part.stat().st_size} bytes, but {size} were written"
+    for part in sorted(path.rglob("*")):
+        problem = unreadable(part) if part.is_file() else None
+        if problem:
+            return f"{part.relative_to(path)} is unreadable ({problem})"
+    return None
+
+
+def unreadable(part: Path) -> str | None:
+    try:
+        if part.suffix == ".safetensors":
+            load_file(part)
+        elif part.suffix in (".bin", ".pkl", ".pt"):  # torch.save writes zip archives: check every member's CRC
+            with zipfile.ZipFile(part) as archive:
+                bad = archive.testzip()
+            if bad:
+                return f"member {bad} is corrupt"
+        elif part.suffix == ".json":
+            json.loads(part.read_text())
+    except (OSError, ValueError, SafetensorError, zipfile.BadZipFile, EOFError) as exc:
+        return f"{type(exc).__name__}: {str(exc)[:80]}"
+    return None
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, keep: int, extra_files=None,
@@ -65,12 +125,18 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         if accelerator.is_main_process:
             if extra_files is not None:
                 extra_files(tmp)
-            (tmp / PROGRESS).write_text(json.dumps({"step": step, **(progress or {})}))
+            # Every part with its size, so a resume can tell a checkpoint cut short from a whole one.
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / PROGRESS).write_text(json.dumps({"step": step, **(progress or {}), "files": files}))
             _replace_dir(tmp, final)
             for old in checkpoint_dirs(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        raise FinetuneError(f"{final}: could not write the checkpoint ({exc.strerror or exc}); the previous "
+    except (OSError, SafetensorError, RuntimeError) as exc:  # safetensors and torch.save do not raise OSError
+        reason = storage_reason(exc, tmp.parent)
+        if reason is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space of the half-written save back
+        raise FinetuneError(f"{final}: could not write the checkpoint ({reason}); the previous "
                             "checkpoints and export are intact: free disk space or fix permissions, then resume "
                             "with train.resume=latest") from None
     accelerator.wait_for_everyone()
@@ -106,21 +172,35 @@ def clean_partial_saves(output_dir: str | Path) -> list[Path]:
     return removed
 
 
-def find_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
-    """The checkpoint `train.resume` names: `latest`, a folder, or None (start fresh)."""
+def find_checkpoint(output_dir: str | Path, resume: str | None) -> tuple[Path | None, list[Path]]:
+    """(the checkpoint `train.resume` names, the damaged ones passed over): `latest` is the newest intact one,
+    with a warning for each newer one that is damaged; a named folder must be intact; None starts fresh."""
     if not resume:
-        return None
+        return None, []
     if resume == "latest":
-        found = checkpoint_dirs(output_dir)
+        found, damaged = step_folders(output_dir), []
         if not found:
             raise FinetuneError(f"train.resume=latest: no checkpoint in {Path(output_dir) / CHECKPOINTS}; "
                                 "drop train.resume to start fresh")
-        return found[-1]
+        for path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path, damaged
+            log.warning("warning: cannot resume from %s: %s; trying the one before", path, problem)
+            damaged.append(path)
+        raise FinetuneError(f"train.resume=latest: none of the {len(found)} checkpoints in "
+                            f"{Path(output_dir) / CHECKPOINTS} is usable (the newest: "
+                            f"{checkpoint_problem(found[-1])}); start afresh with train.overwrite=true and no "
+                            "train.resume, or choose another output_dir")
     path = Path(resume)
-    if not (path / PROGRESS).is_file():
+    if not (path / PROGRESS).is_file() and not STEP_FOLDER.fullmatch(path.name):
         raise FinetuneError(f"train.resume: {resume} is not a checkpoint folder (no {PROGRESS}); use latest or "
                             f"a folder under {Path(output_dir) / CHECKPOINTS}")
-    return path
+    problem = checkpoint_problem(path)
+    if problem:
+        raise FinetuneError(f"train.resume: cannot resume from {path}: {problem}; name an intact checkpoint, or "
+                            "pass train.resume=latest to take the newest intact one")
+    return path, []
 
 
 def read_progress(path: Path) -> dict:

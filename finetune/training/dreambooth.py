@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -18,16 +19,16 @@ from diffusers.training_utils import cast_training_params
 
 from ..config import LoraConfig, TrainConfig, to_dict
 from ..data.captions import possible_prompts
-from ..data.dataset import BatchPlan, Example, LatentSource, SampleOrder, cache_keys, instance_examples, plan_batch
-from ..data.screening import PhotoReport, screen_photos
+from ..data.dataset import BatchPlan, Example, LatentSource, SampleOrder, cache_keys, plan_batch
+from ..data.screening import PhotoReport
 from ..lora import add_text_encoder_lora, add_unet_lora, lora_parameters
 from ..models import freeze, is_quantized
 from .accelerator import flat_hparams, make_accelerator, weight_dtype
-from .checkpoint import load_checkpoint, register_lora_only_saving, resume_point
+from .checkpoint import load_checkpoint, register_lora_only_saving
 from .conditioning import ModelKind
-from .distributed import retarget_learning_rate, samples_per_step, scaled_learning_rate
+from .distributed import retarget_learning_rate, scaled_learning_rate
 from .optim import build_lr_scheduler, build_optimizer
-from .run_dir import prepare_output_dir
+from .preflight import claim_run, validate_run
 from .summary import PhaseClock
 
 log = logging.getLogger("finetune")
@@ -56,17 +57,18 @@ class Run:
 
 
 def start_run(cfg, recipe: str) -> Run:
-    """Accelerator and seed; the output folder checked (writable, not an earlier run's unless resumed or
-    overwritten); the resume point; every photo decoded and screened now, not 300 steps in."""
+    """Accelerator and seed; every input checked before anything is written (folders, model files, the resume
+    point, every photo decoded and screened now, not 300 steps in); only then the output folder claimed."""
     started, train = time.perf_counter(), cfg.train
+    if train.expandable_segments:  # read when CUDA first allocates, which is later than this
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     accelerator = make_accelerator(train, cfg.output_dir, recipe)
     phases = PhaseClock(accelerator.device)
     set_seed(train.seed)
-    resume_from = prepare_output_dir(cfg.output_dir, train.resume, train.overwrite, accelerator.is_main_process)
-    start, seen = resume_point(resume_from, samples_per_step(train, accelerator.num_processes))
-    instance, photos = screen_photos(instance_examples(cfg.data), train.resolution, cfg.data.on_bad_image,
-                                     cfg.data.buckets, cfg.data.allow_upscale)
-    return Run(accelerator, resume_from, start, seen, instance, photos, started, phases)
+    checked = validate_run(cfg, accelerator.num_processes, accelerator.is_main_process)  # writes nothing
+    claim_run(cfg, checked, accelerator.is_main_process)  # lock, leftovers, overwrite: only now
+    return Run(accelerator, checked.resume_from, checked.start, checked.seen, checked.instance, checked.photos,
+               started, phases)
 
 
 def encode_prompts(kind: ModelKind, pipe, examples: list[Example], cfg, run: Run):

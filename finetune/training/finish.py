@@ -9,6 +9,7 @@ from ..export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
 from ..export.metadata import model_family, tag_frequency
 from ..export.publish import publish
 from .distributed import check_replicas_agree
+from .run_lock import release_run_lock
 from .summary import write_summary
 
 log = logging.getLogger("finetune")
@@ -67,4 +68,6 @@ def finish_run(cfg, run, exporter: RunExporter, checkpointer, validator, summary
         write_summary(output_dir, {**summary, **run.phases.summary()})
         log.info("summary: %d steps, %d skipped (NaN/Inf); %s", steps - run.start, skipped, run.photos.summary())
     accelerator.end_training()
+    if accelerator.is_main_process:
+        release_run_lock(output_dir)  # the folder is free for the next run (a crashed run's lock dies with it)
     return final

@@ -6,7 +6,7 @@ import logging
 import torch
 from diffusers.optimization import get_scheduler
 
-from ..config import TrainConfig
+from ..config import LR_SCHEDULES, TrainConfig
 from ..errors import ConfigError
 
 log = logging.getLogger("finetune")
@@ -38,7 +38,7 @@ def build_optimizer(params, train: TrainConfig, device: torch.device) -> torch.o
     return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
 
 
-SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SCHEDULES = LR_SCHEDULES  # a config file's choice is checked when it is read; this covers configs built in Python
 
 
 def build_lr_scheduler(optimizer, train: TrainConfig):

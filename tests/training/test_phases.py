@@ -105,3 +105,32 @@ def test_a_deferred_4bit_unet_arrives_after_encoding_or_before_drawing(tiny_sd1,
     assert code == 0, err
     assert first(events, ("phase", "LoRA and optimizer")) < first(events, ("unet", "loaded"))
     assert events.count(("unet", "loaded")) == 1
+
+
+def test_tiled_vae_encodes_in_overlapping_tiles(tiny_sd1):
+    """tile_vae(vae, 32) on a 64 px image: tiles start every 24 px (a quarter overlap), so 3 x 3 encoder calls."""
+    from diffusers import AutoencoderKL
+
+    from finetune.training.dreambooth import tile_vae
+    vae = AutoencoderKL.from_pretrained(tiny_sd1, subfolder="vae")
+    calls = []
+    vae.encoder.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape[-2:])))
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        whole = vae.encode(image).latent_dist.mean
+        tile_vae(vae, 32)
+        tiled = vae.encode(image).latent_dist.mean
+    assert calls[0] == (64, 64) and len(calls) == 1 + 9 and calls[1] == (32, 32)
+    assert tiled.shape == whole.shape and not torch.equal(tiled, whole)
+
+
+def test_low_memory_mode_turns_on_tiling_and_expandable_segments(tiny_sd1, photos, tmp_path, run_cli, monkeypatch):
+    from finetune.cli import load_recipe_config
+    _, cfg = load_recipe_config(SD15, ["train.mode=low_memory"])
+    assert cfg.train.vae_tiling and cfg.train.expandable_segments and cfg.model.quantize_unet == "nf4"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    code, _, err = run_cli("train", SD15, *tiny_overrides(tiny_sd1, photos, tmp_path, **{
+        "train.max_steps": 1, "train.expandable_segments": "true", "train.vae_tiling": "true"}))
+    assert code == 0, err
+    import os
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"

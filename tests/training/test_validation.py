@@ -40,5 +40,6 @@ def test_an_unknown_validation_sampler_is_a_one_line_error_naming_its_key(tiny_s
     overrides = tiny_overrides(tiny_sd1, photos, tmp_path, **{"prior.num_class_images": 0})
     code, _, err = run_cli("train", SD15, *overrides, "validation.prompts=[a cat]", "validation.scheduler=eulr")
     assert code == 2
-    assert err.splitlines()[-1] == ("finetune: error: validation.scheduler: 'eulr' is unknown; choose default or "
-                                    "one of dpm++, ddim, euler, euler_a, pndm")
+    # Checked when the config is read, before any model loads.
+    assert err.splitlines()[-1] == ("finetune: error: validation.scheduler: 'eulr' is not one of dpm++, ddim, euler, "
+                                    "euler_a, pndm, default")

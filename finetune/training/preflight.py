@@ -1,0 +1,161 @@
+"""Every check a training run makes before it writes, deletes or generates anything, and then its first writes.
+
+`validate_run` reads and writes nothing: the folders (apart, writable, not another run's, no file finetune did not
+write), the model's files, the resume point (the newest intact checkpoint, whose settings must match this run's),
+every photo and caption, the class images an earlier run left, and the LoRA to start from. Only when all of it
+is known good does `claim_run` touch the disk: the output folder's lock, leftovers of interrupted saves, damaged
+checkpoints moved aside, the earlier run deleted with train.overwrite=true, and broken class images removed so
+they are drawn again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from ..data.captions import caption_source, warn_long_prompts
+from ..data.class_images import ClassFolderReport, remove_broken_class_images, screen_class_images
+from ..data.dataset import Example, instance_examples
+from ..data.screening import PhotoReport, screen_photos
+from ..errors import FinetuneError
+from ..export.diffusers_format import WEIGHT_NAME, finetune_metadata
+from ..export.lora_weights import read_lora
+from ..export.metadata import model_family
+from ..models import describe_source
+from .checkpoint import find_checkpoint, resume_point
+from .distributed import samples_per_step
+from .run_dir import check_folders_apart, check_output_dir, claim_output_dir
+
+log = logging.getLogger("finetune")
+CLIP_TOKENS = 77  # what every SD 1.x/2.x/XL text encoder reads, start and end tokens included
+
+
+@dataclasses.dataclass
+class CheckedRun:
+    resume_from: Path | None        # the checkpoint to load, or None for a fresh run
+    start: int                      # optimizer steps already done
+    seen: int                       # samples already seen
+    instance: list[Example]         # the photos that passed screening
+    photos: PhotoReport
+    earlier: list[Path]             # the earlier run's step folders (deleted with train.overwrite=true)
+    damaged: list[Path]             # newer checkpoints that cannot be resumed from (moved aside)
+    class_images: ClassFolderReport
+
+
+def validate_run(cfg, num_processes: int = 1, main_process: bool = True) -> CheckedRun:
+    """Check every input of a training run; raise one FinetuneError naming the first problem. Writes nothing."""
+    data, train = cfg.data, cfg.train
+    dataset = data.dataset if data.dataset and Path(data.dataset).expanduser().exists() else None
+    check_folders_apart({"output_dir": cfg.output_dir, "data.instance_dir": data.instance_dir or None,
+                         "data.class_dir": data.class_dir if cfg.prior.num_class_images else None,
+                         "data.dataset": dataset})
+    earlier = check_output_dir(cfg, bool(train.resume), main_process)
+    describe_source(cfg.model.pretrained, cfg.model.allow_pickle)
+    resume_from, damaged = find_checkpoint(cfg.output_dir, train.resume)
+    start, seen = resume_point(resume_from, samples_per_step(train, num_processes))
+    if resume_from is not None:
+        check_resume_settings(resume_from, start, cfg)
+    if cfg.lora.init_from:
+        check_init_lora(cfg.lora)
+    instance, photos = screen_photos(instance_examples(data), train.resolution, data.on_bad_image, data.buckets,
+                                     data.allow_upscale)
+    if main_process:
+        check_prompt_lengths(instance, cfg)
+    class_images = screen_class_images(data.class_dir) if cfg.prior.num_class_images else ClassFolderReport()
+    return CheckedRun(resume_from, start, seen, instance, photos, earlier, damaged, class_images)
+
+
+def claim_run(cfg, checked: CheckedRun, main_process: bool = True) -> None:
+    """The run's first writes, once validate_run passed (see the module's docstring)."""
+    claim_output_dir(cfg.output_dir, checked.earlier, checked.damaged,
+                     cfg.train.overwrite and checked.resume_from is None, main_process)
+    if main_process:
+        remove_broken_class_images(checked.class_images)
+
+
+def local_model_family(pretrained: str) -> str | None:
+    """sd1, sd2, sd2-v or sdxl for a local diffusers folder, from its configs alone; None for anything else."""
+    root = Path(pretrained).expanduser()
+    try:
+        unet = json.loads((root / "unet" / "config.json").read_text())
+        scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return model_family(unet, scheduler.get("prediction_type", "epsilon"))
+
+
+def check_resume_settings(checkpoint: Path, step: int, cfg) -> None:
+    """The checkpoint can go on under this run's settings: not past train.max_steps, the same LoRA shape and
+    targets, a model of the same family (from the export the checkpoint holds)."""
+    if step > cfg.train.max_steps:
+        raise FinetuneError(f"train.resume: {checkpoint} is at step {step}, past train.max_steps="
+                            f"{cfg.train.max_steps}; raise train.max_steps to train on from it")
+    header = finetune_metadata(checkpoint / WEIGHT_NAME) if (checkpoint / WEIGHT_NAME).is_file() else {}
+    lora = cfg.lora
+    for key, ours in (("rank", lora.rank), ("alpha", lora.alpha), ("unet_targets", lora.unet_targets),
+                      ("text_encoder", lora.text_encoder)):
+        if key not in header:
+            continue
+        theirs = header[key] if key == "unet_targets" else json.loads(header[key])
+        if theirs != ours:
+            shown = json.dumps(theirs) if isinstance(theirs, bool) else theirs
+            raise FinetuneError(f"train.resume: {checkpoint} was trained with lora.{key}={shown}, this run sets "
+                                f"lora.{key}={json.dumps(ours) if isinstance(ours, bool) else ours}; resume with the "
+                                "checkpoint's settings, or start afresh (train.overwrite=true or another output_dir)")
+    family = local_model_family(cfg.model.pretrained)
+    if family and header.get("family") and family != header["family"]:
+        raise FinetuneError(f"train.resume: {checkpoint} was trained on {header.get('base_model')} (an "
+                            f"{header['family']} model), but model.pretrained={cfg.model.pretrained} is an {family} "
+                            "model; resume with the model it was trained on")
+
+
+def check_init_lora(lora) -> None:
+    """lora.init_from is a readable LoRA file whose parts, rank and alpha fit lora.* (its layers are compared
+    with the model's once it is loaded)."""
+    path = lora.init_from
+    weights = read_lora(path)
+    parts = sorted(weights.layers)
+    if "unet" not in weights.layers or any(name != "unet" for name in parts) != lora.text_encoder:
+        wants = "unet and the text encoder" if lora.text_encoder else "unet"
+        raise FinetuneError(f"lora.init_from: {path} has LoRA on {', '.join(parts)} but this run trains {wants}; "
+                            "set lora.text_encoder to match the file")
+    if weights.rank("unet") != lora.rank:
+        raise FinetuneError(f"lora.init_from: {path} has rank {weights.rank('unet')} on unet; set "
+                            f"lora.rank={weights.rank('unet')}")
+    if abs(weights.alpha["unet"] - lora.alpha) > 1e-6:
+        raise FinetuneError(f"lora.init_from: {path} has alpha {weights.alpha['unet']:g} on unet; set "
+                            f"lora.alpha={weights.alpha['unet']:g}")
+
+
+def check_prompt_lengths(instance: list[Example], cfg) -> None:
+    """Warn about captions (and the instance prompt) longer than the text encoder reads, naming each file."""
+    sources: dict[str, str] = {}
+    for example in instance:
+        found = caption_source(Path(example.path), cfg.data.caption_extension) if example.loader is None else None
+        where = str(found[0]) if found else (f"{example.path}'s caption" if example.loader else
+                                             "data.instance_prompt")
+        sources.setdefault(where, example.prompt)
+    # Each token covers at least one byte of UTF-8: prompts this short cannot be too long, no tokenizer needed.
+    if not sources or max(len(p.encode()) for p in sources.values()) + 2 <= CLIP_TOKENS:
+        return
+    tokenizer = load_tokenizer(cfg.model)
+    if tokenizer is not None:
+        warn_long_prompts(sources, tokenizer)
+
+
+def load_tokenizer(model):
+    """The model's (first) tokenizer alone, without its weights; None where it cannot be had cheaply."""
+    single_file = describe_source(model.pretrained, model.allow_pickle) == "file"
+    source = model.single_file_config if single_file else model.pretrained
+    if not source:
+        log.info("caption lengths not checked: a single-file model without model.single_file_config")
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, subfolder="tokenizer",
+                                             revision=None if single_file else model.revision)
+    except Exception as exc:  # noqa: BLE001 - offline, or no tokenizer folder: loading the model will say why
+        log.info("caption lengths not checked: no tokenizer from %s (%s)", source, type(exc).__name__)
+        return None
