@@ -356,6 +356,44 @@ class ValidationConfig:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    """`finetune eval` and validation.metrics: the DreamBooth paper's subject and prompt fidelity metrics."""
+    dino_model: str = option("facebook/dino-vits16", "DINO model for subject fidelity (the paper's ViT-S/16): Hub id "
+                                                     "or local folder, loaded with transformers")
+    clip_model: str = option("openai/clip-vit-base-patch32", "CLIP model for CLIP-I and CLIP-T (ViT-B/32, as "
+                                                             "CustomConcept101, DreamBench++ use): Hub id or folder")
+    subject_type: Literal["object", "live"] = option("object", "the paper's prompt set: object (25 prompts) or live "
+                                                               "(25 for pets and people: outfits, hats)")
+    prompts: list[str] = option([], "your own prompts instead of the paper's, with {subject} where the subject goes")
+    prompts_file: str | None = option(None, "a text file of your own prompts, one per line with {subject} (# starts a "
+                                            "comment)")
+    subject: str | None = option(None, "the phrase naming the subject, identifier and class, e.g. 'sks dog' "
+                                       "(default: the LoRA's trigger, a leading 'a photo of' dropped)")
+    class_noun: str | None = option(None, "the subject's class without the identifier, e.g. 'dog' (default: the "
+                                          "subject phrase without its first word)")
+    class_prompt: str = option("a photo of a {class}", "prompt of the prior-drift images; {class} is the class noun")
+    num_class_images: int = option(8, "prior-drift images per checkpoint, compared seed for seed with the base model's")
+    num_images: int = option(4, "images per prompt (the paper's 4); image k uses seed + k at every checkpoint")
+    seed: int = option(0, "seed of the first image of each prompt")
+    steps: int = option(25, "sampler steps per image")
+    guidance: float = option(7.5, "classifier-free guidance scale")
+    scheduler: str = option("dpm++", "sampler: dpm++, ddim, euler, euler_a, pndm or default")
+    resolution: int | None = option(None, "image size in pixels (default: the LoRA's training resolution)")
+    batch_size: int = option(8, "images generated per batch")
+    max_clip_t_drop: float = option(0.02, "best checkpoint: the highest DINO among those whose CLIP-T is at most this "
+                                          "far below the base model's")
+
+    def __post_init__(self):
+        for key in ("num_images", "num_class_images", "steps", "batch_size"):
+            check(getattr(self, key) >= 1, f"eval.{key}", "must be at least 1")
+        check(self.max_clip_t_drop >= 0, "eval.max_clip_t_drop", "must be 0 or more")
+        check(self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0), "eval.resolution",
+              "must be a multiple of 8")
+        check(not (self.prompts and self.prompts_file), "eval.prompts",
+              "set eval.prompts or eval.prompts_file, not both")
+
+
+@dataclasses.dataclass
 class DreamBoothConfig:
     """A DreamBooth-LoRA recipe's config: every section; a recipe's Config subclasses it with its own defaults."""
     model: ModelConfig = option(ModelConfig(), "the base model")
@@ -365,5 +403,6 @@ class DreamBoothConfig:
     train: TrainConfig = option(TrainConfig(), "the optimisation")
     loss: LossConfig = option(LossConfig(), "loss weighting and noise options")
     validation: ValidationConfig = option(ValidationConfig(), "images drawn while training")
+    eval: EvalConfig = option(EvalConfig(), "finetune eval and validation.metrics: subject and prompt fidelity")
     export: ExportConfig = option(ExportConfig(), "extra export formats, model card and Hub upload")
     output_dir: str = option("runs/dreambooth-lora", "checkpoints, TensorBoard logs and the exported LoRA go here")
