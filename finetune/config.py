@@ -348,11 +348,15 @@ class ValidationConfig:
     guidance: float = option(7.5, "classifier-free guidance scale for validation images")
     scheduler: str = option("dpm++", "sampler for validation images: dpm++, ddim, euler, euler_a, pndm or default")
     before_after: bool = option(True, "at the end, a grid of base-model vs LoRA images with the same seeds")
+    metrics: bool = option(False, "also score each validation grid (DINO, CLIP-I, CLIP-T, prior drift; models from "
+                                  "eval.*) and log the numbers to TensorBoard")
 
     def __post_init__(self):
         check(self.every >= 0, "validation.every", "must be 0 or more")
         check(self.num_images >= 1, "validation.num_images", "must be at least 1")
         check(self.steps >= 1, "validation.steps", "must be at least 1")
+        check(not self.metrics or bool(self.prompts), "validation.metrics", "needs validation.prompts (the images it "
+                                                                           "scores)")
 
 
 @dataclasses.dataclass

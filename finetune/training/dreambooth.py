@@ -27,6 +27,7 @@ from ..data.screening import PhotoReport, screen_photos
 from ..export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
 from ..export.lora_weights import load_into_models, read_lora
 from ..export.metadata import model_family, tag_frequency
+from ..evaluation.during_training import validation_scorer
 from ..export.publish import publish
 from ..lora import add_text_encoder_lora, add_unet_lora, keep_lora_fp32, lora_parameters
 from ..models import freeze, is_quantized
@@ -206,7 +207,7 @@ def train_and_export(cfg, run: Run, training: Training, plans: list[BatchPlan],
     trained = list(training.models.values())
     lora_models = training.lora_models
     validator = Validator(cfg.validation, accelerator, pipe, list(lora_models.values()), output_dir,
-                          train.resolution)
+                          train.resolution, validation_scorer(cfg, run.instance, accelerator))
 
     def export(folder: Path, steps: int) -> Path:
         encoders = {name: model for name, model in lora_models.items() if name != "unet"}
