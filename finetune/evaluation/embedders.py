@@ -32,9 +32,9 @@ def load_from(name: str, key: str, loader: Callable[[str], object]):
             raise FinetuneError(f"{key}: {name} is not a loadable transformers model folder ({reason})") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = "the Hub is offline here (HF_HUB_OFFLINE is set)" if offline else "the Hub could not be reached"
-        raise FinetuneError(f"{key}: {name} is not in the local Hugging Face cache and {why}; fetch it once where "
-                            f"you are online (hf download {name} --local-dir models/{local.name}) and set "
-                            f"{key}=models/{local.name}") from None
+        raise FinetuneError(f"{key}: {name} is neither a folder here nor in the local Hugging Face cache, and {why}; "
+                            f"fetch it once where you are online (hf download {name} --local-dir models/{local.name}) "
+                            f"and set {key}=models/{local.name}") from None
 
 
 def _pooled(output) -> torch.Tensor:

@@ -48,9 +48,9 @@ def test_hub_models_offline_and_missing_folders_are_one_line_errors(tmp_path):
     with pytest.raises(FinetuneError) as info:
         load_dino("facebook/dino-vits16", "cpu")
     assert str(info.value) == (
-        "eval.dino_model: facebook/dino-vits16 is not in the local Hugging Face cache and the Hub is offline here "
-        "(HF_HUB_OFFLINE is set); fetch it once where you are online (hf download facebook/dino-vits16 --local-dir "
-        "models/dino-vits16) and set eval.dino_model=models/dino-vits16")
+        "eval.dino_model: facebook/dino-vits16 is neither a folder here nor in the local Hugging Face cache, and the "
+        "Hub is offline here (HF_HUB_OFFLINE is set); fetch it once where you are online (hf download "
+        "facebook/dino-vits16 --local-dir models/dino-vits16) and set eval.dino_model=models/dino-vits16")
     with pytest.raises(ConfigError, match=r"^eval.clip_model: folder /nowhere/clip does not exist"):
         load_clip("/nowhere/clip", "cpu")
     (tmp_path / "empty").mkdir()

@@ -108,6 +108,6 @@ def test_an_offline_hub_model_stops_before_anything_is_drawn(eval_run, photos_ma
     code, _, err = run_cli("eval", eval_run, *eval_overrides(photos_master, tiny_clip, "facebook/dino-vits16"),
                            "--out", out)
     assert code == 2 and err.count("\n") == 1
-    assert "eval.dino_model: facebook/dino-vits16 is not in the local Hugging Face cache" in err
+    assert "eval.dino_model: facebook/dino-vits16 is neither a folder here nor in the local Hugging Face cache" in err
     assert "set eval.dino_model=models/dino-vits16" in err
     assert not (out / "metrics.json").exists() and not (out / "sheets").exists()
