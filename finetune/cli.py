@@ -22,21 +22,12 @@ def recipe_module(name: str):
         raise FinetuneError(f"recipe: {name!r} is not a recipe; see the recipes/ folder") from None
 
 
-def load_recipe_config(path: str | None, overrides: list[str], recipe: str | None = None,
-                       over_file: dict | None = None, default_recipe: str = DEFAULT_RECIPE):
-    """(recipe module, typed config) for a YAML file whose `recipe:` key names the recipe (else `default_recipe`).
+def load_recipe_config(path: str | None, overrides: list[str], default_recipe: str = DEFAULT_RECIPE):
+    """(recipe module, typed config) for a YAML file whose `recipe:` key names the recipe (else `default_recipe`)."""
+    from .config import load, recipe_name
 
-    `over_file` ({section: {key: value}}) replaces the file's values; the overrides still win over it."""
-    from . import config as config_lib
-
-    data = config_lib.read_yaml(path) if path else {}
-    name = recipe or data.pop("recipe", default_recipe)
-    data.pop("recipe", None)
-    for section, values in (over_file or {}).items():
-        if isinstance(data.get(section, {}), dict):
-            data[section] = {**data.get(section, {}), **values}
-    module = recipe_module(name)
-    return module, config_lib.build(module.Config, config_lib.with_mode(config_lib.apply_overrides(data, overrides)))
+    module = recipe_module(recipe_name(path, default_recipe))
+    return module, load(module.Config, path, overrides)
 
 
 def cmd_train(args) -> None:
@@ -62,7 +53,8 @@ def cmd_plan(args) -> None:
     import json
 
     from .plan import parse_size, plan_report
-    text, data = plan_report(args.config, args.overrides, parse_size(args.gpu_memory))
+    module, _ = load_recipe_config(args.config, args.overrides)
+    text, data = plan_report(module.Config, args.config, args.overrides, parse_size(args.gpu_memory))
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
@@ -90,14 +82,16 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    import json
+
     from .evaluation.runner import default_output, evaluate
     from .evaluation.targets import find_targets
     targets = find_targets(args.run, args.checkpoints)
     header = targets[-1].header
-    # The base model the LoRA was trained on (its header) wins over a shared YAML's; model.pretrained=... over both.
-    trained_on = {"model": {"pretrained": header["base_model"]}} if header.get("base_model") else {}
-    _, cfg = load_recipe_config(args.config, args.overrides, over_file=trained_on,
-                                default_recipe=header.get("recipe", DEFAULT_RECIPE))
+    # The base model the LoRA was trained on (its header) wins over a shared YAML's; a model.pretrained= override,
+    # applied after it, over both. JSON quoting keeps the name a string whatever YAML would make of it.
+    trained_on = [f"model.pretrained={json.dumps(header['base_model'])}"] if header.get("base_model") else []
+    _, cfg = load_recipe_config(args.config, trained_on + args.overrides, header.get("recipe", DEFAULT_RECIPE))
     _, text = evaluate(cfg, targets, args.out or default_output(args.run), args.device, args.overwrite)
     print(text)
 

@@ -71,6 +71,14 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**values)
 
 
+def recipe_name(path: str | Path | None, default: str) -> str:
+    """The recipe a YAML file's top-level `recipe:` key names (`default` without one, or without a file)."""
+    name = read_yaml(path).get("recipe", default) if path else default
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}: recipe: must be a recipe's name, e.g. dreambooth_lora")
+    return name
+
+
 def load(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
     """Read a YAML file (or nothing), apply dotted overrides, and build the typed config.
 
@@ -90,7 +98,7 @@ MODES = {
     "fast": {"train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "optimizer": "adamw"}},
     # Activations recomputed instead of stored, the frozen U-Net in 4 bits, 8-bit optimizer state.
     "low_memory": {"model": {"quantize_unet": "nf4"},
-                   "train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True,
+                   "train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "vae_tiling": True,
                              "gradient_checkpointing": True, "optimizer": "adamw8bit"}},
 }
 
@@ -300,6 +308,8 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     cache_latents: bool = option(True, "encode each photo once with the VAE (off when center_crop is false)")
     cache_text_embeddings: bool = option(True, "encode each prompt once when the text encoder is frozen")
+    vae_tiling: bool = option(False, "encode photos larger than 512 px in overlapping 512 px tiles: a quarter of the "
+                                     "VAE's working memory at 1024 px; latents differ slightly from untiled")
     checkpoint_every: int = option(500, "save a resumable checkpoint and an export every N steps (0: only at end)")
     keep_checkpoints: int = option(3, "keep the newest K checkpoints")
     resume: str | None = option(None, "resume from `latest` or a checkpoint folder")

@@ -62,11 +62,6 @@ def lora_parameters(*models) -> list[torch.nn.Parameter]:
     return [p for model in models if model is not None for p in model.parameters() if p.requires_grad]
 
 
-def keep_lora_fp32(*models) -> None:
-    """Under mixed precision the frozen base runs in half precision, but the trained LoRA weights stay fp32."""
-    for param in lora_parameters(*models):
-        param.data = param.data.float()
-
 
 def tuner_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
     return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]

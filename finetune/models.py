@@ -49,13 +49,15 @@ def load_pipeline(model: ModelConfig, pipeline_class: type[DiffusionPipeline] = 
                   **extra) -> DiffusionPipeline:
     """Load `pipeline_class` from wherever `model.pretrained` points, with a one-line error if it can't.
 
-    With model.quantize_unet=nf4 the U-Net comes in 4 bits on the GPU, computing in `compute_dtype`.
+    With model.quantize_unet=nf4 the pipeline comes without its U-Net: ensure_unet loads it later, in 4 bits
+    straight onto the GPU, when the first phase that needs it starts (so encoding never shares the GPU with it).
     """
     source = describe_source(model.pretrained, model.allow_pickle)
     if pipeline_class is StableDiffusionPipeline:
         extra = {"safety_checker": None, "requires_safety_checker": False, **extra}
     if model.quantize_unet != "none":
-        extra = {"unet": load_nf4_unet(model, source, compute_dtype), **extra}
+        check_nf4_possible(model, source)
+        extra = {"unet": None, **extra}
     try:
         if source == "file":
             return pipeline_class.from_single_file(model.pretrained, config=model.single_file_config,
@@ -69,8 +71,14 @@ def load_pipeline(model: ModelConfig, pipeline_class: type[DiffusionPipeline] = 
         raise FinetuneError(f"model.pretrained: could not load {model.pretrained} from {where}: {reason}") from None
 
 
-def load_nf4_unet(model: ModelConfig, source: str, compute_dtype: torch.dtype):
-    """The U-Net with its linear layers in NF4 through diffusers' bitsandbytes quantizer (QLoRA's storage)."""
+def ensure_unet(pipe: DiffusionPipeline, model: ModelConfig, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """The pipeline's U-Net, loading the deferred 4-bit one (model.quantize_unet=nf4) onto the GPU first if needed."""
+    if pipe.unet is None:
+        pipe.register_modules(unet=load_nf4_unet(model, compute_dtype))
+    return pipe.unet
+
+
+def check_nf4_possible(model: ModelConfig, source: str) -> None:
     if not torch.cuda.is_available():
         raise FinetuneError("model.quantize_unet=nf4 needs a CUDA GPU (bitsandbytes 4-bit); set model.quantize_unet="
                             "none here")
@@ -78,6 +86,10 @@ def load_nf4_unet(model: ModelConfig, source: str, compute_dtype: torch.dtype):
         raise FinetuneError(f"model.quantize_unet=nf4: {model.pretrained} is a single file; quantizing loads the "
                             f"U-Net from a diffusers folder or Hub id (save it as one with diffusers' save_pretrained), or set "
                             f"model.quantize_unet=none")
+
+
+def load_nf4_unet(model: ModelConfig, compute_dtype: torch.dtype):
+    """The U-Net with its linear layers in NF4 through diffusers' bitsandbytes quantizer (QLoRA's storage)."""
     from diffusers import BitsAndBytesConfig, UNet2DConditionModel
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
     try:

@@ -14,6 +14,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+from .config import load
 from .errors import FinetuneError
 
 MIB = 2**20
@@ -137,16 +138,15 @@ CANDIDATES = [("train.mode=fast", ["train.mode=fast", "train.gradient_checkpoint
                ["train.mode=low_memory", "prior.generation_batch_size=1"])]
 
 
-def plan_report(config_path: str, overrides: list[str], gpu_mib: float) -> tuple[str, dict]:
-    """The table `finetune plan` prints, and the estimates as data."""
-    from .cli import load_recipe_config
-
-    _, cfg = load_recipe_config(config_path, overrides)
+def plan_report(config_class: type, config_path: str, overrides: list[str], gpu_mib: float) -> tuple[str, dict]:
+    """The table `finetune plan` prints for a recipe's config (its class, YAML and overrides), and the estimates
+    as data."""
+    cfg = load(config_class, config_path, overrides)
     arch = read_architecture(cfg.model.pretrained, cfg.lora.unet_targets)
     samples = samples_per_step(cfg)
     rows, estimates = [], {}
     for label, extra in [("as configured", []), *CANDIDATES]:
-        _, variant = load_recipe_config(config_path, [*overrides, *extra])
+        variant = load(config_class, config_path, [*overrides, *extra])
         est = estimate_config(variant, arch)
         estimates[label] = est
         fits = "fits" if est["peak_mib"] <= gpu_mib else "too big"

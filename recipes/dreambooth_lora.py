@@ -5,7 +5,7 @@
 The algorithm: generate class images with the base model (prior preservation); freeze the model and add LoRA to
 the U-Net (and optionally the text encoder); encode photos and prompts once; then for each step, noise the
 latents of instance + class samples, predict the noise (or v), and take instance MSE + weight x class MSE.
-The steps it shares with the SDXL recipe are functions of finetune.training.dreambooth.
+`train` is the algorithm for every family; the SDXL recipe calls it with SDXL's conditioning.
 """
 from __future__ import annotations
 
@@ -13,17 +13,20 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 
-from finetune.config import DreamBoothConfig, LossConfig
-from finetune.data.dataset import LatentSource, PromptEmbeddings
-from finetune.models import load_pipeline, training_scheduler
-from finetune.training.accelerator import weight_dtype
+from finetune.config import DreamBoothConfig
+from finetune.evaluation.during_training import validation_scorer
+from finetune.export.lora_weights import load_into_models, read_lora
+from finetune.models import ensure_unet, load_pipeline, training_scheduler
+from finetune.training.conditioning import SD, ModelKind
 from finetune.training.distributed import ensure_class_images
-from finetune.training.dreambooth import (add_lora, cached_prompts, encode_latents, export_info, micro_batch_loss,
-                                          plan_share, prepare_training, start_run, train_and_export)
-from finetune.training.loss import batch_loss
+from finetune.training.finish import RunExporter, finish_run
+from finetune.training.dreambooth import (add_lora, encode_latents, encode_prompts, plan_share, prepare_training,
+                                          start_run, text_conditioning)
+from finetune.training.loop import Checkpointer, train_loop
+from finetune.training.loss import DreamBoothObjective
 from finetune.training.unet_call import training_unet_call
+from finetune.training.validation import Validator
 
 RECIPE = "dreambooth_lora"
 
@@ -36,59 +39,64 @@ class Config(DreamBoothConfig):
 @dataclasses.dataclass
 class Result:
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text_encoders: list[torch.nn.Module]  # in the pipeline's order, with their LoRA if they trained
     export: Path
     steps: int
 
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.text_encoders[0]
+
 
 def main(cfg: Config) -> Result:
-    run = start_run(cfg, RECIPE)  # output folder checked, resume point found, photos screened
-    accelerator, train, instance = run.accelerator, cfg.train, run.instance
-    device, dtype = accelerator.device, weight_dtype(accelerator)
-    pipe = load_pipeline(cfg.model, compute_dtype=dtype)
+    return train(cfg, SD, RECIPE)
+
+
+def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
+    run = start_run(cfg, recipe)  # every input checked, the output folder claimed, photos screened (and bucketed)
+    phase = run.phases  # each phase prints its time (and GPU peak); they never share the GPU
+    with phase("loading weights"):
+        pipe = load_pipeline(cfg.model, kind.pipeline_class, compute_dtype=run.dtype)  # a 4-bit U-Net comes later
 
     # 1. Prior preservation: class images drawn by the base model, before any LoRA touches it.
-    classes = ensure_class_images(accelerator, pipe, cfg.data, cfg.prior, train.resolution, train.seed)
+    with phase("class images"):
+        classes = ensure_class_images(run.accelerator, pipe, cfg.data, cfg.prior, cfg.train.resolution,
+                                      cfg.train.seed, load_unet=lambda: ensure_unet(pipe, cfg.model, run.dtype))
 
-    # 2. Freeze the base model and add LoRA; the frozen weights go to half precision, LoRA stays fp32.
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    noise_scheduler = training_scheduler(pipe)
-    lora_models = add_lora(unet, vae, {"text_encoder": text_encoder}, cfg.lora, train, device, dtype)
-
-    # 3. Plan this process's share of the samples (its positions in the one global order, from where a resumed
-    #    run left off; one aspect-ratio bucket per batch with data.buckets); encode once with the VAE the photos
-    #    it will read.
-    examples = instance + classes
+    # 2. Encode once: every prompt training can see (text encoders on the GPU, then off), then the photos this
+    #    process reads (the VAE on the GPU, then off): its share of the one global sample order, from where a
+    #    resumed run left off, one aspect-ratio bucket per batch with data.buckets.
+    examples = run.instance + classes
     plans = plan_share(cfg, run, len(classes))
-    latents = encode_latents(vae, examples, plans, len(instance), cfg, device)
+    with phase("encoding"):
+        prompts = encode_prompts(kind, pipe, examples, cfg, run)  # None when the text encoders train
+        latents = encode_latents(pipe.vae, examples, plans, cfg, run)
 
-    # 4. Optimizer, schedule (in optimizer steps, whatever the process count), Accelerate's wrapping, the resumed
-    #    state; every prompt training can see encoded once if the text encoder is frozen.
-    training = prepare_training(cfg, run, lora_models, RECIPE)
-    unet, text_encoder = training.models["unet"], training.models.get("text_encoder", text_encoder)
-    cached = cached_prompts(examples, cfg)
-    prompts = PromptEmbeddings(tokenizer, text_encoder, cached or [], cached is not None, device)
-    if cached is not None:
-        text_encoder.to("cpu")
+    # 3. Only now the U-Net comes to the GPU: freeze it and add LoRA (and to the text encoders with
+    #    lora.text_encoder), frozen weights in half precision, LoRA in fp32; lora.init_from continues a LoRA.
+    with phase("LoRA and optimizer"):
+        ensure_unet(pipe, cfg.model, run.dtype)
+        lora_models = add_lora(pipe, kind, cfg.lora, cfg.train, run)
+        if cfg.lora.init_from:
+            load_into_models(read_lora(cfg.lora.init_from), lora_models, cfg.lora.init_from)
+        # Optimizer, schedule (in optimizer steps, whatever the process count), Accelerate's wrapping, the
+        # resumed state.
+        training = prepare_training(cfg, run, lora_models, recipe)
+        conditioning = prompts or text_conditioning(kind, pipe, training, run)
 
-    # 5. The loop: noise instance + class latents, predict, prior-preservation loss, step (skipped if NaN/Inf);
-    #    then the exports.
-    unet_call = training_unet_call(unet, dtype, cfg, accelerator, plans)  # replayed CUDA graphs in train.mode=fast
-    forward = micro_batch_loss(denoise_step, unet_call, noise_scheduler, latents, prompts, examples, len(instance),
-                               cfg, device)
-    final = train_and_export(cfg, run, training, plans, forward, pipe, StableDiffusionPipeline,
-                             lambda steps: export_info(cfg, pipe, instance, steps, RECIPE, run.photos.buckets),
-                             unet_call)
-    return Result(training.lora_models["unet"], accelerator.unwrap_model(text_encoder), final, train.max_steps)
+    # 4. The loop: noise instance + class latents, predict, prior-preservation loss, step (skipped if NaN/Inf).
+    unet_call = training_unet_call(training.models["unet"], run.dtype, cfg, run.accelerator, plans)
+    objective = DreamBoothObjective(unet_call, training_scheduler(pipe), latents, conditioning, examples, cfg,
+                                    run.device)
+    exporter = RunExporter(cfg, pipe, kind.pipeline_class, training.lora_models, run, recipe)
+    checkpointer = Checkpointer(cfg, run, exporter.write)
+    validator = Validator(cfg.validation, run.accelerator, pipe, list(training.lora_models.values()),
+                          cfg.output_dir, cfg.train.resolution, validation_scorer(cfg, run.instance, run.accelerator))
+    with phase("training"):
+        result = train_loop(cfg, run, training, plans, objective, checkpointer, validator)
 
-
-def denoise_step(unet_call, noise_scheduler, latents: LatentSource, prompts: PromptEmbeddings, examples, plan,
-                 num_instance: int, prior_weight: float, generators: list[torch.Generator],
-                 loss: LossConfig = LossConfig(), texts: list[str] | None = None):
-    """One forward pass: instance samples first, then class samples, in one batch (of one size); sample k draws
-    from generators[k]. `texts` are this step's prompts (caption dropout, tag shuffle); by default each example's
-    own prompt. `unet_call(noisy, timesteps, embeddings)` returns the U-Net's prediction."""
-    indices = plan.instance + [num_instance + i for i in plan.classes]
-    embeddings = prompts(texts if texts is not None else [examples[i].prompt for i in indices])
-    return batch_loss(noise_scheduler, latents, plan, num_instance, prior_weight, loss, generators,
-                      lambda noisy, timesteps, _: unet_call(noisy, timesteps, embeddings))
+    # 5. The end: final checkpoint, the diffusers file, summary, base-vs-LoRA grid, kohya file, card, upload.
+    summary = {**result.summary, "cuda_graphs": unet_call.use_graphs}
+    final = finish_run(cfg, run, exporter, checkpointer, validator, summary, result.skipped)
+    encoders = [training.lora_models.get(name, module) for name, module in kind.text_encoders(pipe).items()]
+    return Result(training.lora_models["unet"], encoders, final, cfg.train.max_steps)

@@ -35,3 +35,24 @@ def add_wide_photo(photos: Path) -> None:
     """A landscape photo (its own bucket beside the square crops), captioned with the trigger placeholder."""
     Image.open(photos / "cat_0.jpg").resize((256, 96)).save(photos / "wide.jpg")
     (photos / "wide.caption").write_text("{trigger}, lying in the grass")
+
+
+def objective(unet_call, scheduler, latents, prompts, examples, prior_weight: float = 1.0, loss=None,
+              seed: int = 0, sdxl: bool = False):
+    """The recipes' DreamBoothObjective on given pieces: `prompts` a PromptEmbeddings (SDXLPromptEmbeddings with
+    sdxl=True), default data settings (each sample's own prompt), on the CPU."""
+    from finetune.config import DreamBoothConfig, LossConfig, PriorConfig, TrainConfig
+    from finetune.sdxl import time_ids
+    from finetune.training.loss import DreamBoothObjective
+
+    def sd_conditioning(texts, geometry):
+        return (prompts(texts),)
+
+    def sdxl_conditioning(texts, geometry):
+        embeddings, pooled = prompts(texts)
+        return embeddings, pooled, time_ids(geometry, embeddings.device, embeddings.dtype)
+
+    cfg = DreamBoothConfig(prior=PriorConfig(loss_weight=prior_weight), loss=loss or LossConfig(),
+                           train=TrainConfig(seed=seed))
+    return DreamBoothObjective(unet_call, scheduler, latents, sdxl_conditioning if sdxl else sd_conditioning,
+                               examples, cfg, "cpu")

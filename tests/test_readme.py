@@ -8,9 +8,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_ci_runs_the_readme_test_command():
-    command = "python -m pip install torch==2.13.0 -e '.[test]' && python -m pytest -q"
+    command = "python -m pip install torch==2.13.0 -c constraints.txt -e '.[test]' && python -m pytest -q"
     assert command in (ROOT / "README.md").read_text()
     assert command.replace("pip install", "pip install -q") in (ROOT / ".ci" / "run").read_text()
+    demo = "python -m pip install torch==2.13.0 -c constraints.txt -e '.[demo]' && finetune demo"
+    assert demo in (ROOT / "README.md").read_text()
+
+
+def test_the_lock_pins_every_package_exactly_except_torch():
+    lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if not line.startswith("#")]
+    names = {line.split("==")[0].lower().replace("_", "-") for line in lines}
+    assert all(line.count("==") == 1 for line in lines), "every line is NAME==VERSION"
+    assert "torch" not in names and not any(name.startswith("nvidia-") for name in names)
+    for package in ("diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "pillow",
+                    "pytest", "scikit-image", "ruff", "mypy"):
+        assert package in names, package
 
 
 def test_readme_documents_every_config_key():

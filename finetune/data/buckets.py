@@ -54,10 +54,6 @@ def assign_bucket(width: int, height: int, resolution: int, allow_upscale: bool 
     return bucket if allow_upscale else shrink_to_fit(bucket, width, height, step)
 
 
-def assign_buckets(image_sizes: list[Size], resolution: int, allow_upscale: bool = False) -> list[Size]:
-    return [assign_bucket(w, h, resolution, allow_upscale) for w, h in image_sizes]
-
-
 def epoch_batches(seed: int, epoch: int, buckets: list[Size], batch_size: int, repeats: int = 1) -> list[list[int]]:
     """One epoch of batches of example indices, each batch from a single bucket.
 

@@ -83,46 +83,68 @@ def epoch_order(seed: int, stream: int, epoch: int, length: int) -> tuple[int, .
 
 @dataclass
 class BatchPlan:
-    instance: list[int]   # indices into the instance examples
-    classes: list[int]    # indices into the class examples (empty without prior preservation)
+    """One micro-batch: instance samples first, then class samples, as indices into the run's example list (the
+    instance examples, then the class examples), so every reader indexes that one list directly."""
+    instance: list[int]   # indices of instance examples
+    classes: list[int]    # indices of class examples (empty without prior preservation)
     flips: list[bool]     # one per sample, instance samples first
     crops: list[tuple[float, float]]  # relative crop corners, one per sample
     positions: list[int]  # the samples' places in the run's one global sample order
     size: Size | None = None  # (width, height) of every sample in the batch with buckets; None: the square resolution
 
+    @property
+    def examples(self) -> list[int]:
+        return self.instance + self.classes
 
-def plan_batch(seed: int, micro_step: int, batch_size: int, num_instance: int, repeats: int, num_class: int,
-               random_flip: bool, random_crop: bool, rank: int = 0, world_size: int = 1,
-               offset: int = 0, buckets: list[Size] | None = None) -> BatchPlan:
-    """Which samples micro-step `micro_step` (counted from sample `offset`) trains on: a pure function, so resumable.
+
+@dataclass(frozen=True)
+class SampleOrder:
+    """The run's one global sample order: everything plan_batch needs besides the micro-step and the process."""
+    seed: int
+    batch_size: int                 # instance samples per micro-batch (as many class samples, with a prior)
+    num_instance: int               # instance examples, at the front of the example list
+    num_class: int = 0              # class examples after them (0: no prior preservation)
+    repeats: int = 1                # data.repeats: each photo this many times per epoch
+    random_flip: bool = False
+    random_crop: bool = False
+    offset: int = 0                 # samples already seen: a resumed run goes on from here
+    buckets: list[Size] | None = None  # each instance example's bucket, with data.buckets
+
+
+def plan_batch(order: SampleOrder, micro_step: int, rank: int = 0, world_size: int = 1) -> BatchPlan:
+    """Which samples micro-step `micro_step` (counted from sample `order.offset`) trains on: a pure function, so
+    resumable.
 
     The run has one global order of sample positions; micro-step m of process `rank` takes positions
     offset + (m x world_size + rank) x batch_size onwards, so processes never share a sample, and 2 processes x
     batch 1 take the same samples per step as 1 process x batch 2. Flips and crops depend on the position only.
 
-    With `buckets` (each instance example's size), the global order is one of whole batches, each from one bucket:
+    With buckets (each instance example's size), the global order is one of whole batches, each from one bucket:
     position p is slot p % batch_size of bucketed batch p // batch_size, so a process's batch_size positions are
     always one such batch (its size is the plan's `size`), whatever the process count.
     """
-    first = offset + (micro_step * world_size + rank) * batch_size
+    batch_size, seed = order.batch_size, order.seed
+    first = order.offset + (micro_step * world_size + rank) * batch_size
     positions = list(range(first, first + batch_size))
     size = None
-    if buckets:
-        if offset % batch_size:
-            raise FinetuneError(f"train.batch_size: this run has seen {offset} samples, not a multiple of "
+    if order.buckets:
+        if order.offset % batch_size:
+            raise FinetuneError(f"train.batch_size: this run has seen {order.offset} samples, not a multiple of "
                                 f"batch_size={batch_size}; resume a run with data.buckets at the batch size it "
                                 "was saved with")
-        instance, size = bucket_batch(seed, first // batch_size, buckets, batch_size, repeats)
+        instance, size = bucket_batch(seed, first // batch_size, order.buckets, batch_size, order.repeats)
     else:
-        instance = [stream_index(seed, INSTANCE_STREAM, p, num_instance * repeats) % num_instance
+        instance = [stream_index(seed, INSTANCE_STREAM, p, order.num_instance * order.repeats) % order.num_instance
                     for p in positions]
-    classes = [stream_index(seed, CLASS_STREAM, p, num_class) for p in positions] if num_class else []
+    with_class = order.num_class > 0
+    classes = [order.num_instance + stream_index(seed, CLASS_STREAM, p, order.num_class) for p in positions] \
+        if with_class else []
     draws = [torch.rand(6, generator=step_generator(seed, AUGMENT_STREAM, p)).tolist() for p in positions]
     # Per position: (instance flip, class flip, instance corner x/y, class corner x/y).
-    flips = [d[0] < 0.5 for d in draws] + ([d[1] < 0.5 for d in draws] if num_class else [])
-    corners = [(d[2], d[3]) for d in draws] + ([(d[4], d[5]) for d in draws] if num_class else [])
-    return BatchPlan(instance, classes, flips if random_flip else [False] * len(flips),
-                     corners if random_crop else [(0.5, 0.5)] * len(corners), positions, size)
+    flips = [d[0] < 0.5 for d in draws] + ([d[1] < 0.5 for d in draws] if with_class else [])
+    corners = [(d[2], d[3]) for d in draws] + ([(d[4], d[5]) for d in draws] if with_class else [])
+    return BatchPlan(instance, classes, flips if order.random_flip else [False] * len(flips),
+                     corners if order.random_crop else [(0.5, 0.5)] * len(corners), positions, size)
 
 
 def sample_generators(seed: int, plan: BatchPlan, device="cpu") -> list[torch.Generator]:
@@ -132,23 +154,21 @@ def sample_generators(seed: int, plan: BatchPlan, device="cpu") -> list[torch.Ge
     return [step_generator(seed, NOISE_STREAM, k, device) for k in keys]
 
 
-def plan_prompts(seed: int, plan: BatchPlan, examples: list[Example], num_instance: int, data: DataConfig
-                 ) -> list[str]:
+def plan_prompts(seed: int, plan: BatchPlan, examples: list[Example], data: DataConfig) -> list[str]:
     """This micro-step's prompts, instance samples first: each photo's prompt with caption dropout and tag
     shuffling drawn from a generator keyed by the sample's position (as the noise is), class prompts as they are."""
-    prompts = [examples[i].prompt for i in plan.instance] + [examples[num_instance + c].prompt for c in plan.classes]
+    prompts = [examples[i].prompt for i in plan.examples]
     generators = [step_generator(seed, CAPTION_STREAM, p) for p in plan.positions[:len(plan.instance)]] \
         if data.caption_dropout or data.shuffle_tags else []
     return batch_prompts(prompts, len(plan.instance), data.caption_dropout, data.shuffle_tags, data.keep_tags,
                          generators)
 
 
-def cache_keys(plans: list[BatchPlan], num_instance: int) -> set[tuple[int, bool, Size | None]]:
+def cache_keys(plans: list[BatchPlan]) -> set[tuple[int, bool, Size | None]]:
     """The (example, flip, size) triples these plans read: what one process's share of the run needs encoded.
 
     With buckets a class image is read at the size of each batch it joins, so only at the buckets it meets."""
-    return {(i, f, plan.size) for plan in plans
-            for i, f in zip(plan.instance + [num_instance + c for c in plan.classes], plan.flips)}
+    return {(i, f, plan.size) for plan in plans for i, f in zip(plan.examples, plan.flips)}
 
 
 Geometry = tuple[int, int, int, int, int, int]  # original (h, w), crop top-left (top, left), target (h, w)

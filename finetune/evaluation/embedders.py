@@ -7,8 +7,8 @@ says how to fetch it once and point the key at the folder.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image

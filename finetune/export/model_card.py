@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
+from huggingface_hub import ModelCard, ModelCardData
 
 SETTINGS = ("base_model", "family", "rank", "alpha", "unet_targets", "text_encoder", "steps", "epochs",
             "learning_rate", "batch_size", "resolution", "prediction_type", "num_train_images", "num_class_images",
@@ -15,29 +15,25 @@ def write_model_card(folder: str | Path, info: dict, license: str, kohya_file: s
     """Write folder/README.md; `kohya_file` and `grid` are file names inside folder, when present."""
     folder = Path(folder)
     sdxl = info.get("family") == "sdxl"
-    header = {
-        "base_model": str(info.get("base_model", "")),
-        "license": license,
-        "library_name": "diffusers",
-        "tags": ["text-to-image", "diffusers", "lora", "dreambooth", "stable-diffusion-xl" if sdxl
-                 else "stable-diffusion", "template:sd-lora"],
-        "instance_prompt": str(info.get("trigger", "")),
-        "inference": True,
-    }
+    # huggingface_hub writes (and validates) the Hub's card header; the body is ours.
+    header = ModelCardData(base_model=str(info.get("base_model", "")), license=license, library_name="diffusers",
+                           tags=["text-to-image", "diffusers", "lora", "dreambooth", "stable-diffusion-xl" if sdxl
+                                 else "stable-diffusion", "template:sd-lora"],
+                           instance_prompt=str(info.get("trigger", "")), inference=True)
     pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
-    lines = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "",
+    lines = ["---", header.to_yaml(), "---", "",
              f"# {info.get('title') or folder.name}", "",
-             f"A DreamBooth LoRA for `{header['base_model']}`, trained with finetune. Trigger phrase: "
-             f"`{header['instance_prompt']}`.", ""]
+             f"A DreamBooth LoRA for `{header.base_model}`, trained with finetune. Trigger phrase: "
+             f"`{header.instance_prompt}`.", ""]
     if grid:
         lines += ["## Samples", "", f"![samples]({grid})", ""]
     lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {key} | {info[key]} |" for key in SETTINGS if key in info]
     lines += ["", "## Use it in diffusers", "", "```python", "import torch",
               f"from diffusers import {pipeline}", "",
-              f"pipe = {pipeline}.from_pretrained(\"{header['base_model']}\", torch_dtype=torch.float16).to(\"cuda\")",
+              f"pipe = {pipeline}.from_pretrained(\"{header.base_model}\", dtype=torch.float16).to(\"cuda\")",
               "pipe.load_lora_weights(\"path/to/this/folder\")  # pytorch_lora_weights.safetensors",
-              f"image = pipe(\"{header['instance_prompt']}\").images[0]", "```", ""]
+              f"image = pipe(\"{header.instance_prompt}\").images[0]", "```", ""]
     if kohya_file:
         name = Path(kohya_file).stem
         lines += ["## Use it in AUTOMATIC1111, Forge or ComfyUI", "",
@@ -45,5 +41,5 @@ def write_model_card(folder: str | Path, info: dict, license: str, kohya_file: s
                   f"`<lora:{name}:1>` to the prompt; in ComfyUI load it with a *LoraLoader* node. Strength 1 "
                   "matches diffusers' scale 1 (the file keeps the true alpha).", ""]
     path = folder / "README.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    ModelCard("\n".join(lines)).save(path)
     return path

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -20,6 +21,7 @@ from ..data.class_images import generate_class_images, generation_dtype, missing
 from ..data.dataset import Example, class_examples
 from ..errors import FinetuneError
 from ..lora import lora_state
+from ..models import is_quantized
 
 log = logging.getLogger("finetune")
 
@@ -37,9 +39,12 @@ def class_image_share(accelerator: Accelerator, folder: str | Path, wanted: int)
 
 
 def ensure_class_images(accelerator: Accelerator, pipe, data: DataConfig, prior: PriorConfig, resolution: int,
-                        seed: int) -> list[Example]:
+                        seed: int, load_unet: Callable[[], object] = lambda: None) -> list[Example]:
     """Generate the missing class images, each process its share; all wait until the set is complete. Returns
-    the class examples to train with (none when prior.num_class_images is 0: prior preservation off)."""
+    the class examples to train with (none when prior.num_class_images is 0: prior preservation off).
+
+    Drawing puts the pipeline on the GPU (`load_unet` first brings a deferred U-Net) and takes it off again, so
+    the phases after it start from an empty GPU."""
     if not prior.num_class_images:
         return []
     if not data.class_dir:
@@ -49,13 +54,24 @@ def ensure_class_images(accelerator: Accelerator, pipe, data: DataConfig, prior:
         raise FinetuneError("data.class_prompt is empty; describe the class, e.g. 'a photo of a dog'")
     missing, share = class_image_share(accelerator, data.class_dir, prior.num_class_images)
     if missing:
+        load_unet()
         pipe.to(accelerator.device, generation_dtype(accelerator.device, accelerator.mixed_precision))
         generate_class_images(pipe, data.class_dir, data.class_prompt, prior, resolution, seed, accelerator.device,
                               share)
+        pipeline_off_gpu(pipe)
     accelerator.wait_for_everyone()
     if missing:
         report_class_images(accelerator, data.class_dir, prior.num_class_images, share)
     return class_examples(data.class_dir, data.class_prompt, prior.num_class_images)
+
+
+def pipeline_off_gpu(pipe) -> None:
+    """Every module of the pipeline back on the CPU (a 4-bit U-Net stays: its weights cannot leave the GPU)."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module) and not is_quantized(module):
+            module.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def report_class_images(accelerator: Accelerator, folder: str | Path, wanted: int, share: list[int]) -> None:

@@ -27,13 +27,6 @@ class NonFiniteError(FinetuneError):
     """Training stopped after too many NaN/Inf steps in a row."""
 
 
-def gradient_norm(params) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-
 class NonFiniteGuard:
     """Watches each optimizer step; call `watch(loss)` per micro-step and `clip_and_check` at each sync step."""
 
@@ -56,7 +49,7 @@ class NonFiniteGuard:
         if max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(params, max_grad_norm)
         elif not self.uses_scaler:
-            norm = gradient_norm(params)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         loss_finite, self._loss_finite = self._loss_finite, None
         if self.uses_scaler:
             self._stepped = True  # the scaler decides inside optimizer.step()

@@ -1,8 +1,10 @@
-"""The denoising loss, its target (noise or v) and prior preservation."""
+"""The denoising loss, its target (noise or v), prior preservation, and DreamBooth's objective per micro-batch."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..data.dataset import plan_prompts, sample_generators
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -79,18 +81,29 @@ def denoising_loss(unet, scheduler, latents, embeddings, noise, timesteps) -> fl
     return F.mse_loss(prediction.float(), diffusion_target(scheduler, latents, noise, timesteps).float()).item()
 
 
-def batch_loss(noise_scheduler, latents, plan, num_instance: int, prior_weight: float, options,
-               generators: list[torch.Generator], predict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DreamBooth's loss on one planned micro-batch (instance samples, then class samples, all at the plan's size).
+class DreamBoothObjective:
+    """DreamBooth's loss on one planned micro-batch: call it with a BatchPlan, get (loss, {part: value}).
 
-    Sample k draws its latent noise, diffusion noise and timestep from generators[k]. `predict(noisy, timesteps,
-    geometry)` is the model's prediction; geometry is each sample's (original h, w, crop top, left, target h, w),
-    which SDXL conditions on. `options` (loss.*) add the noise offset and min-SNR-gamma weighting.
+    Sample k of the plan draws its latent noise, diffusion noise and timestep from a generator keyed by its
+    position, and its caption variant likewise, so a sample is the same on any process count and after a resume.
+    `conditioning(prompts, geometry)` gives the model family's U-Net conditioning (SD: text embeddings; SDXL: also
+    pooled embeddings and size/crop ids); `unet_call(noisy, timesteps, *conditioning)` is the U-Net's prediction.
     """
-    indices = plan.instance + [num_instance + i for i in plan.classes]
-    clean, geometry = latents.sample_with_geometry(indices, plan.flips, plan.crops, generators, plan.size)
-    noisy, noise, timesteps = add_noise(noise_scheduler, clean, generators, options.noise_offset)
-    prediction = predict(noisy, timesteps, geometry)
-    target = diffusion_target(noise_scheduler, clean, noise, timesteps)
-    weights = min_snr_weights(noise_scheduler, timesteps, options.snr_gamma) if options.snr_gamma else None
-    return prior_preservation_loss(prediction, target, len(plan.instance), prior_weight, weights)
+
+    def __init__(self, unet_call, noise_scheduler, latents, conditioning, examples, cfg, device):
+        self.unet_call, self.noise_scheduler, self.latents = unet_call, noise_scheduler, latents
+        self.conditioning, self.examples, self.device = conditioning, examples, device
+        self.seed, self.data, self.options, self.prior_weight = cfg.train.seed, cfg.data, cfg.loss, \
+            cfg.prior.loss_weight
+
+    def __call__(self, plan) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        generators = sample_generators(self.seed, plan, self.device)
+        clean, geometry = self.latents.sample_with_geometry(plan.examples, plan.flips, plan.crops, generators,
+                                                            plan.size)
+        noisy, noise, timesteps = add_noise(self.noise_scheduler, clean, generators, self.options.noise_offset)
+        condition = self.conditioning(plan_prompts(self.seed, plan, self.examples, self.data), geometry)
+        prediction = self.unet_call(noisy, timesteps, *condition)
+        target = diffusion_target(self.noise_scheduler, clean, noise, timesteps)
+        weights = min_snr_weights(self.noise_scheduler, timesteps, self.options.snr_gamma) \
+            if self.options.snr_gamma else None
+        return prior_preservation_loss(prediction, target, len(plan.instance), self.prior_weight, weights)

@@ -1,11 +1,49 @@
 """What a run measured: steady-state speed and peak GPU memory, written beside the export as JSON."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 
+import psutil
 import torch
+
+log = logging.getLogger("finetune")
+
+
+class PhaseClock:
+    """A line per phase with its time (and, on a GPU, its peak memory), kept for train_summary.json.
+
+    The first entry is the process's start-up and imports, from the moment the OS started the process.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        startup = time.time() - psutil.Process().create_time()
+        self.seconds: dict[str, float] = {"start-up and imports": round(startup, 2)}
+        self.peak_mib: dict[str, int] = {}
+        log.info("start-up and imports: %.1f s", startup)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        started = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak_mib[phase] = round(torch.cuda.max_memory_reserved(self.device) / 2**20)
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - started, 2)
+        memory = f", peak {self.peak_mib[phase]} MiB reserved" if cuda else ""
+        log.info("%s: %.1f s%s", phase, time.perf_counter() - started, memory)
+
+    def summary(self) -> dict:
+        return {"phase_seconds": dict(self.seconds), **({"phase_peak_reserved_mib": dict(self.peak_mib)}
+                                                        if self.peak_mib else {})}
 
 
 class StepClock:

@@ -27,8 +27,12 @@ class UNetOnTensors(torch.nn.Module):
         self.unet = unet
 
     def forward(self, sample, timesteps, embeddings, *added):
-        extra = {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}} if added else {}
-        return self.unet(sample, timesteps, embeddings, return_dict=False, **extra)[0]
+        return self.unet(sample, timesteps, embeddings, return_dict=False, **added_conditioning(added))[0]
+
+
+def added_conditioning(added: tuple) -> dict:
+    """SDXL's pooled text embeddings and size/crop ids as the U-Net takes them (nothing for SD 1.x/2.x)."""
+    return {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}} if added else {}
 
 
 def graphs_usable(requested: bool, device: torch.device, num_processes: int, lora_dropout: float,
@@ -71,24 +75,26 @@ class UNetForward:
 
     def __init__(self, unet: torch.nn.Module, dtype: torch.dtype, use_graphs: bool):
         self.dtype, self.use_graphs = dtype, use_graphs
-        self.eager = UNetOnTensors(unet)
+        self.unet = unet
         self.graphed: Callable | None = None
         self.recorded_for: tuple | None = None  # (shape, dtype, requires_grad) of each input the graph was made for
 
     def __call__(self, noisy, timesteps, embeddings, *added) -> torch.Tensor:
         inputs = (noisy.to(self.dtype), timesteps, embeddings.to(self.dtype), *(a.to(self.dtype) for a in added))
-        if not self.use_graphs:
-            return self.eager(*inputs)
+        if not self.use_graphs:  # the U-Net itself: the loop is three calls from it (objective, this, U-Net)
+            return self.unet(*inputs[:3], return_dict=False, **added_conditioning(inputs[3:]))[0]
         key = tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in inputs)
         if self.graphed is None:
             self.graphed, self.recorded_for = self._record(inputs), key
             self.use_graphs = self.graphed is not None
-        return self.graphed(*inputs) if self.use_graphs and key == self.recorded_for else self.eager(*inputs)
+        if self.use_graphs and key == self.recorded_for:
+            return self.graphed(*inputs)
+        return self.unet(*inputs[:3], return_dict=False, **added_conditioning(inputs[3:]))[0]
 
     def _record(self, inputs) -> Callable | None:
         samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
         try:  # its own wrapper: make_graphed_callables replaces the forward of the module it is given
-            graphed = torch.cuda.make_graphed_callables(UNetOnTensors(self.eager.unet), samples, num_warmup_iters=3)
+            graphed = torch.cuda.make_graphed_callables(UNetOnTensors(self.unet), samples, num_warmup_iters=3)
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the eager path, which is correct
             log.warning("notice: recording the U-Net as a CUDA graph failed (%s); training eagerly",
                         str(error).splitlines()[0][:200])

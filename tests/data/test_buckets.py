@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from finetune.data.buckets import assign_bucket, bucket_sizes, epoch_batches, nearest_bucket, shrink_to_fit
-from finetune.data.dataset import Example, cache_keys, load_pixels, plan_batch
+from finetune.data.dataset import Example, SampleOrder, cache_keys, load_pixels, plan_batch
 from finetune.errors import FinetuneError
 
 
@@ -47,36 +47,36 @@ def test_epoch_batches_are_homogeneous_and_cover_every_example():
 
 def test_plan_batch_with_buckets_is_pure_homogeneous_and_split_across_ranks():
     buckets = [(64, 64)] * 4 + [(128, 64)] * 4
-    plans = [plan_batch(5, s, 2, 8, 1, 3, True, False, buckets=buckets) for s in range(8)]
+    plans = [plan_batch(SampleOrder(5, 2, 8, 3, 1, True, False, buckets=buckets), s) for s in range(8)]
     for plan in plans:
         assert {buckets[i] for i in plan.instance} == {plan.size}
         assert len(plan.classes) == 2 and len(plan.flips) == 4
-    assert plans == [plan_batch(5, s, 2, 8, 1, 3, True, False, buckets=buckets) for s in range(8)]
+    assert plans == [plan_batch(SampleOrder(5, 2, 8, 3, 1, True, False, buckets=buckets), s) for s in range(8)]
     seen = sorted(i for p in plans[:4] for i in p.instance)
     assert seen == list(range(8))  # one epoch: every photo once
-    two = [plan_batch(5, s, 2, 8, 1, 0, False, False, rank=r, world_size=2, buckets=buckets).instance
+    two = [plan_batch(SampleOrder(5, 2, 8, 0, 1, False, False, buckets=buckets), s, rank=r, world_size=2).instance
            for s in range(2) for r in range(2)]
     assert sorted(i for b in two for i in b) == list(range(8))
 
 
 def test_bucketed_order_is_keyed_by_position_across_process_counts_and_resumes():
     buckets = [(64, 64)] * 5 + [(128, 64)] * 3
-    one = [plan_batch(2, s, 2, 8, 1, 4, True, True, buckets=buckets) for s in range(6)]
-    two = [plan_batch(2, s, 2, 8, 1, 4, True, True, rank=r, world_size=2, buckets=buckets)
+    one = [plan_batch(SampleOrder(2, 2, 8, 4, 1, True, True, buckets=buckets), s) for s in range(6)]
+    two = [plan_batch(SampleOrder(2, 2, 8, 4, 1, True, True, buckets=buckets), s, rank=r, world_size=2)
            for s in range(3) for r in range(2)]
     assert two == one  # 2 processes x batch 2 take the batches 1 process takes, in the same global order
-    resumed = [plan_batch(2, s, 2, 8, 1, 4, True, True, offset=8, buckets=buckets) for s in range(2)]
+    resumed = [plan_batch(SampleOrder(2, 2, 8, 4, 1, True, True, offset=8, buckets=buckets), s) for s in range(2)]
     assert resumed == one[4:]  # 4 batches of 2 done: a resumed run goes on with batch 5
     with pytest.raises(FinetuneError, match="train.batch_size: this run has seen 3 samples, not a multiple of"):
-        plan_batch(2, 0, 2, 8, 1, 4, True, True, offset=3, buckets=buckets)
+        plan_batch(SampleOrder(2, 2, 8, 4, 1, True, True, offset=3, buckets=buckets), 0)
 
 
 def test_class_images_are_cached_only_at_the_buckets_of_the_batches_they_join():
     buckets = [(64, 64)] * 2 + [(128, 64)] * 2
-    plans = [plan_batch(1, s, 1, 4, 1, 3, False, False, buckets=buckets) for s in range(4)]
-    keys = cache_keys(plans, 4)
+    plans = [plan_batch(SampleOrder(1, 1, 4, 3, 1, False, False, buckets=buckets), s) for s in range(4)]
+    keys = cache_keys(plans)
     assert {(i, size) for i, _, size in keys if i < 4} == {(i, buckets[i]) for i in range(4)}
-    assert {(i, size) for i, _, size in keys if i >= 4} == {(4 + p.classes[0], p.size) for p in plans}
+    assert {(i, size) for i, _, size in keys if i >= 4} == {(p.classes[0], p.size) for p in plans}
 
 
 @pytest.mark.parametrize("flip, left", [(False, 0), (True, 0)])

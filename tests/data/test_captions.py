@@ -5,7 +5,7 @@ import torch
 from finetune.config import DataConfig
 from finetune.data.captions import (batch_prompts, caption_variant, find_caption, possible_prompts, shuffle_tags,
                                     with_trigger)
-from finetune.data.dataset import instance_examples, plan_batch, plan_prompts
+from finetune.data.dataset import SampleOrder, instance_examples, plan_batch, plan_prompts
 from finetune.errors import FinetuneError
 
 
@@ -74,8 +74,8 @@ def test_class_prompts_never_drop_and_cacheable_variants():
 def test_caption_variants_are_keyed_by_position_not_by_process(photos):
     data = DataConfig(instance_dir=str(photos), trigger="sks cat", caption_dropout=0.5, shuffle_tags=True)
     examples = instance_examples(data)
-    one = [p for s in range(5) for p in plan_prompts(0, plan_batch(0, s, 2, 5, 1, 0, False, False), examples, 5, data)]
+    one = [p for s in range(5) for p in plan_prompts(0, plan_batch(SampleOrder(0, 2, 5), s), examples, data)]
     two = [p for s in range(5) for r in range(2)
-           for p in plan_prompts(0, plan_batch(0, s, 1, 5, 1, 0, False, False, rank=r, world_size=2), examples, 5,
+           for p in plan_prompts(0, plan_batch(SampleOrder(0, 1, 5), s, rank=r, world_size=2), examples,
                                  data)]
     assert one == two and "" in one and any(one)

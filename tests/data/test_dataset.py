@@ -1,31 +1,31 @@
 """Sampling order and batch composition: deterministic, every photo once per epoch, class samples paired."""
 
 from finetune.config import DataConfig
-from finetune.data.dataset import instance_examples, plan_batch, stream_index
+from finetune.data.dataset import SampleOrder, instance_examples, plan_batch, stream_index
 
 
 def test_every_instance_once_per_epoch_and_reproducible():
-    plans = [plan_batch(7, step, 2, num_instance=5, repeats=2, num_class=3, random_flip=True, random_crop=False)
+    plans = [plan_batch(SampleOrder(7, 2, 5, 3, 2, True, False), step)
              for step in range(5)]  # 5 steps x 2 = one epoch of 10 (5 photos x 2 repeats)
     seen = sorted(i for p in plans for i in p.instance)
     assert seen == sorted(list(range(5)) * 2)
-    again = [plan_batch(7, step, 2, 5, 2, 3, True, False) for step in range(5)]
+    again = [plan_batch(SampleOrder(7, 2, 5, 3, 2, True, False), step) for step in range(5)]
     assert again == plans
-    assert plan_batch(8, 0, 2, 5, 2, 3, True, False) != plans[0] or plan_batch(8, 1, 2, 5, 2, 3, True, False) != plans[1]
+    assert plan_batch(SampleOrder(8, 2, 5, 3, 2, True, False), 0) != plans[0] or plan_batch(SampleOrder(8, 2, 5, 3, 2, True, False), 1) != plans[1]
 
 
 def test_each_batch_pairs_instance_and_class_samples():
-    plan = plan_batch(0, 3, 2, num_instance=4, repeats=1, num_class=10, random_flip=False, random_crop=False)
+    plan = plan_batch(SampleOrder(0, 2, 4, 10, 1, False, False), 3)
     assert len(plan.instance) == 2 and len(plan.classes) == 2
     assert len(plan.flips) == len(plan.crops) == 4 and not any(plan.flips)
-    no_prior = plan_batch(0, 3, 2, 4, 1, 0, False, False)
+    no_prior = plan_batch(SampleOrder(0, 2, 4, 0, 1, False, False), 3)
     assert no_prior.classes == [] and len(no_prior.flips) == 2
 
 
 def test_processes_take_disjoint_shares():
-    one = [i for step in range(4) for i in plan_batch(0, step, 1, 8, 1, 0, False, False).instance]
+    one = [i for step in range(4) for i in plan_batch(SampleOrder(0, 1, 8, 0, 1, False, False), step).instance]
     two = [i for step in range(2) for rank in range(2)
-           for i in plan_batch(0, step, 1, 8, 1, 0, False, False, rank=rank, world_size=2).instance]
+           for i in plan_batch(SampleOrder(0, 1, 8, 0, 1, False, False), step, rank=rank, world_size=2).instance]
     assert sorted(one) == sorted(two) and len(set(two)) == 4
 
 

@@ -5,8 +5,15 @@ import pytest
 
 from finetune.config import DataConfig, EvalConfig
 from finetune.errors import ConfigError
-from finetune.evaluation.prompts import (PromptPair, Subject, class_prompt, find_subject, paper_prompts, prompt_pair,
-                                         prompt_templates)
+from finetune.evaluation.prompts import (
+    PromptPair,
+    Subject,
+    class_prompt,
+    find_subject,
+    paper_prompts,
+    prompt_pair,
+    prompt_templates,
+)
 from finetune.evaluation.runner import plan_evaluation
 
 DOG = Subject("sks dog", "dog")

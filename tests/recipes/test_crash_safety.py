@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.training.checkpoint import checkpoint_dirs
+from finetune.training.loss import DreamBoothObjective
 from recipes import dreambooth_lora
 from tests.helpers import tiny_overrides
 
@@ -98,7 +99,7 @@ def test_sigkill_twice_then_sigterm_then_resume_ends_bitwise_equal(tiny_sd1, pho
 
 
 def test_sigint_saves_the_step_in_flight_and_exits_130(tiny_sd1, photos, tmp_path, run_cli, monkeypatch):
-    real, calls = dreambooth_lora.denoise_step, []
+    real, calls = DreamBoothObjective.__call__, []
 
     def ctrl_c_during_step_two(*args, **kwargs):
         calls.append(1)
@@ -106,7 +107,7 @@ def test_sigint_saves_the_step_in_flight_and_exits_130(tiny_sd1, photos, tmp_pat
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dreambooth_lora, "denoise_step", ctrl_c_during_step_two)
+    monkeypatch.setattr(DreamBoothObjective, "__call__", ctrl_c_during_step_two)
     overrides = tiny_overrides(tiny_sd1, photos, tmp_path, **{"prior.num_class_images": 0})
     code, _, err = run_cli("train", SD15, *overrides)
     run = tmp_path / "run"
@@ -160,7 +161,7 @@ def test_a_save_failing_part_way_leaves_the_previous_checkpoint_and_export(tiny_
 
 
 def nan_from(calls_with_nan):
-    real, calls = dreambooth_lora.denoise_step, []
+    real, calls = DreamBoothObjective.__call__, []
 
     def poisoned(*args, **kwargs):
         loss, parts = real(*args, **kwargs)
@@ -171,7 +172,7 @@ def nan_from(calls_with_nan):
 
 def test_a_nan_step_is_skipped_and_counted(tiny_sd1, photos, tmp_path, run_cli, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="finetune")
-    monkeypatch.setattr(dreambooth_lora, "denoise_step", nan_from(lambda call: call in (2, 4)))
+    monkeypatch.setattr(DreamBoothObjective, "__call__", nan_from(lambda call: call in (2, 4)))
     overrides = tiny_overrides(tiny_sd1, photos, tmp_path, **{
         "prior.num_class_images": 0, "train.checkpoint_every": 1, "train.keep_checkpoints": 4})
     code, _, err = run_cli("train", SD15, *overrides)
@@ -189,7 +190,7 @@ def test_a_nan_step_is_skipped_and_counted(tiny_sd1, photos, tmp_path, run_cli, 
 
 def test_too_many_bad_steps_in_a_row_stop_and_keep_the_last_good_checkpoint(tiny_sd1, photos, tmp_path, run_cli,
                                                                             monkeypatch):
-    monkeypatch.setattr(dreambooth_lora, "denoise_step", nan_from(lambda call: call >= 3))
+    monkeypatch.setattr(DreamBoothObjective, "__call__", nan_from(lambda call: call >= 3))
     overrides = tiny_overrides(tiny_sd1, photos, tmp_path, **{
         "prior.num_class_images": 0, "train.checkpoint_every": 1, "train.max_steps": 8, "train.max_bad_steps": 2})
     code, _, err = run_cli("train", SD15, *overrides)

@@ -12,12 +12,13 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from finetune.data.dataset import Example, LatentSource, plan_batch
+from finetune.data.dataset import Example, LatentSource, SampleOrder, plan_batch
 from finetune.export.diffusers_format import WEIGHT_NAME, finetune_metadata, read_header
 from finetune.models import training_scheduler
 from finetune.sdxl import SDXLPromptEmbeddings
+from finetune.training.loss import DreamBoothObjective
 from recipes import sdxl_dreambooth_lora
-from tests.helpers import SDXL, add_wide_photo, sdxl_overrides
+from tests.helpers import SDXL, add_wide_photo, objective, sdxl_overrides
 
 
 @torch.no_grad()
@@ -88,13 +89,11 @@ def test_prompt_embeddings_match_the_pipeline_and_time_ids_come_from_the_crop(ti
     buckets = [(192, 64), (128, 128)]
     latents = LatentSource(pipe.vae, examples, 128, True, True, "cpu",
                            keys={(i, flip, b) for i, b in enumerate(buckets) for flip in (False, True)})
-    plan = plan_batch(0, 0, 1, 2, 1, 0, True, False, buckets=[(192, 64), (128, 128)])
+    plan = plan_batch(SampleOrder(0, 1, 2, random_flip=True, buckets=[(192, 64), (128, 128)]), 0)
     plan.instance, plan.size, plan.flips = [0], (192, 64), [True]
-    cfg = sdxl_dreambooth_lora.Config()
     text = ["sks cat, lying in the grass"]
-    sdxl_dreambooth_lora.denoise_step(spy, training_scheduler(pipe), latents, SDXLPromptEmbeddings(
-        tokenizers, encoders, text, True, "cpu"), examples, plan, 2, 1.0, [torch.Generator().manual_seed(0)],
-        cfg.loss, text)
+    objective(spy, training_scheduler(pipe), latents, SDXLPromptEmbeddings(tokenizers, encoders, text, True, "cpu"),
+              examples, sdxl=True)(plan)
     # 256x96 -> 192x72, cropped 4 px from the top; flipped, the left edge stays 0 (no spare columns)
     assert calls[0]["time_ids"].tolist() == [[96, 256, 4, 0, 64, 192]]
     assert calls[0]["text_embeds"].shape == (1, 32)
@@ -106,7 +105,7 @@ def test_sdxl_shares_the_guard_the_signal_handling_the_protected_output_and_exac
     the resumed run ends bitwise equal to one never stopped, with buckets, flips and caption dropout."""
     add_wide_photo(photos)
     caplog.set_level(logging.INFO, logger="finetune")
-    real, calls = sdxl_dreambooth_lora.denoise_step, []
+    real, calls = DreamBoothObjective.__call__, []
 
     def nan_at_two(interrupt_at=None):
         def step(*args, **kwargs):
@@ -119,13 +118,13 @@ def test_sdxl_shares_the_guard_the_signal_handling_the_protected_output_and_exac
 
     common = sdxl_overrides(tiny_sdxl, photos, tmp_path, **{
         "train.max_steps": 4, "data.random_flip": "true", "data.caption_dropout": 0.3, "export.kohya": "false"})
-    monkeypatch.setattr(sdxl_dreambooth_lora, "denoise_step", nan_at_two())
+    monkeypatch.setattr(DreamBoothObjective, "__call__", nan_at_two())
     code, _, err = run_cli("train", SDXL, *common, f"output_dir={tmp_path / 'straight'}")
     assert code == 0, err
     assert "step 2 had a NaN/Inf loss or gradient; skipped it (1 in a row)" in caplog.text
 
     calls.clear()
-    monkeypatch.setattr(sdxl_dreambooth_lora, "denoise_step", nan_at_two(interrupt_at=3))
+    monkeypatch.setattr(DreamBoothObjective, "__call__", nan_at_two(interrupt_at=3))
     run = tmp_path / "run"
     code, _, err = run_cli("train", SDXL, *common)
     assert code == 130 and err.splitlines()[-1].startswith(

@@ -5,14 +5,15 @@ from PIL import Image
 
 from finetune.config import TrainConfig
 from finetune.data.class_images import missing_class_indices
-from finetune.data.dataset import cache_keys, plan_batch, sample_generators
+from finetune.data.dataset import SampleOrder, cache_keys, plan_batch, sample_generators
 from finetune.training.distributed import retarget_learning_rate, scaled_learning_rate
 from finetune.training.optim import build_lr_scheduler
 
 
 def plans(world: int, batch: int, micro_steps: int, offset: int = 0, **kw):
     args = dict(num_instance=5, repeats=2, num_class=7, random_flip=True, random_crop=True) | kw
-    return [[plan_batch(3, m, batch, rank=r, world_size=world, offset=offset, **args) for r in range(world)]
+    order = SampleOrder(seed=3, batch_size=batch, offset=offset, **args)
+    return [[plan_batch(order, m, rank=r, world_size=world) for r in range(world)]
             for m in range(micro_steps)]
 
 
@@ -62,7 +63,7 @@ def test_each_sample_draws_the_same_noise_however_the_batch_is_split():
 
 def test_a_process_caches_only_the_photos_its_share_reads():
     share = [ranks[0] for ranks in plans(2, 1, 2, num_instance=20, repeats=1, num_class=0, random_flip=False)]
-    keys = cache_keys(share, 20)
+    keys = cache_keys(share)
     assert keys == {(p.instance[0], False, None) for p in share} and len(keys) == 2  # None: the square size
 
 

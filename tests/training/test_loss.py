@@ -2,10 +2,11 @@
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-from finetune.data.dataset import LatentSource, PromptEmbeddings, class_examples, instance_examples, plan_batch
+from finetune.data.dataset import LatentSource, PromptEmbeddings, SampleOrder, class_examples, instance_examples
+from finetune.data.dataset import plan_batch
 from finetune.data.dataset import sample_generators
 from finetune.training.loss import diffusion_target, prior_preservation_loss
-from recipes.dreambooth_lora import denoise_step
+from tests.helpers import objective
 from finetune.config import DataConfig
 
 
@@ -58,10 +59,9 @@ def test_recipe_batch_pairs_instances_with_class_prompt_and_loss_matches_hand(ti
     latents = LatentSource(pipe.vae, examples, 64, cache=True, flips=False, device="cpu")
     prompts = PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, [e.prompt for e in examples], True, "cpu")
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    plan = plan_batch(0, 2, 2, len(instance), 1, len(classes), False, False)
+    plan = plan_batch(SampleOrder(0, 2, len(instance), len(classes)), 2)
     spy = SpyUNet(pipe.unet)
-    loss, parts = denoise_step(spy, scheduler, latents, prompts, examples, plan, len(instance), 0.25,
-                               sample_generators(0, plan))
+    loss, parts = objective(spy, scheduler, latents, prompts, examples, prior_weight=0.25)(plan)
     noisy, timesteps, embeddings, prediction = spy.calls[0]
     assert noisy.shape[0] == 4
     # Instance samples first with their own prompts, then class samples with the class prompt.
@@ -70,7 +70,7 @@ def test_recipe_batch_pairs_instances_with_class_prompt_and_loss_matches_hand(ti
         torch.testing.assert_close(row, prompts.encode([prompt])[0])
     # Rebuild the target from the same draws and compute the loss by hand.
     gens = sample_generators(0, plan)
-    clean = latents.sample(plan.instance + [len(instance) + c for c in plan.classes], plan.flips, plan.crops, gens)
+    clean = latents.sample(plan.examples, plan.flips, plan.crops, gens)
     noise = torch.cat([torch.randn((1, *clean.shape[1:]), generator=g) for g in gens])
     assert torch.equal(torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in gens]), timesteps)
     torch.testing.assert_close(noisy, scheduler.add_noise(clean, noise, timesteps))

@@ -4,10 +4,11 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from finetune.config import DataConfig, LossConfig
-from finetune.data.dataset import LatentSource, PromptEmbeddings, instance_examples, plan_batch, sample_generators
+from finetune.data.dataset import LatentSource, PromptEmbeddings, SampleOrder, instance_examples, plan_batch
+from finetune.data.dataset import sample_generators
 from finetune.models import training_scheduler
 from finetune.training.loss import add_noise, min_snr_weights, prior_preservation_loss
-from recipes.dreambooth_lora import denoise_step
+from tests.helpers import objective
 from tests.training.test_loss import SpyUNet
 
 
@@ -55,10 +56,9 @@ def test_recipe_trains_sd2_against_v_with_min_snr(tiny_sd2, photos):
     examples = instance_examples(DataConfig(instance_dir=str(photos)))
     latents = LatentSource(pipe.vae, examples, 64, cache=True, flips=False, device="cpu")
     prompts = PromptEmbeddings(pipe.tokenizer, pipe.text_encoder, [e.prompt for e in examples], True, "cpu")
-    plan = plan_batch(0, 1, 3, len(examples), 1, 0, False, False)
+    plan = plan_batch(SampleOrder(0, 3, len(examples)), 1)
     spy = SpyUNet(pipe.unet)
-    loss, _ = denoise_step(spy, scheduler, latents, prompts, examples, plan, len(examples), 1.0,
-                           sample_generators(0, plan), LossConfig(snr_gamma=5.0))
+    loss, _ = objective(spy, scheduler, latents, prompts, examples, loss=LossConfig(snr_gamma=5.0))(plan)
     _, timesteps, _, prediction = spy.calls[0]
     gens = sample_generators(0, plan)
     clean = latents.sample(plan.instance, plan.flips, plan.crops, gens)

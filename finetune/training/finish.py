@@ -1,0 +1,70 @@
+"""A run's exports: the diffusers file of each checkpoint, and the end of a run (final checkpoint, the diffusers
+file, the run summary, the base-vs-LoRA grid, then the kohya file, model card and Hub upload as export.* asks)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
+from ..export.metadata import model_family, tag_frequency
+from ..export.publish import publish
+from .distributed import check_replicas_agree
+from .summary import write_summary
+
+log = logging.getLogger("finetune")
+
+
+def export_info(cfg, pipe, run, steps: int, recipe: str) -> dict:
+    """What the exported files say about how they were made (finetune.* header, kohya ss_* keys, model card)."""
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    seen = steps * cfg.train.batch_size * cfg.train.gradient_accumulation
+    instance = run.instance
+    info = {"base_model": cfg.model.pretrained, "family": model_family(pipe.unet.config, prediction),
+            "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "unet_targets": cfg.lora.unet_targets,
+            "text_encoder": cfg.lora.text_encoder, "steps": steps,
+            "trigger": cfg.data.trigger or cfg.data.instance_prompt, "resolution": cfg.train.resolution,
+            "prediction_type": prediction, "recipe": recipe,
+            "learning_rate": cfg.train.learning_rate, "batch_size": cfg.train.batch_size,
+            "epochs": max(1, -(-seen // (len(instance) * cfg.data.repeats))), "num_train_images": len(instance),
+            "num_class_images": cfg.prior.num_class_images, "seed": cfg.train.seed,
+            "title": Path(cfg.output_dir).resolve().name, "tag_frequency": tag_frequency([e.prompt for e in instance])}
+    if run.photos.buckets:
+        info["buckets"] = sorted({f"{w}x{h}" for w, h in run.photos.buckets})
+    return info
+
+
+class RunExporter:
+    """Writes a run's LoRA in diffusers format (a checkpoint's, or the final one) with the run's metadata."""
+
+    def __init__(self, cfg, pipe, pipeline_class, lora_models: dict, run, recipe: str):
+        self.cfg, self.pipe, self.pipeline_class, self.lora_models = cfg, pipe, pipeline_class, lora_models
+        self.run, self.recipe = run, recipe
+
+    def info(self, steps: int) -> dict:
+        return export_info(self.cfg, self.pipe, self.run, steps, self.recipe)
+
+    def write(self, folder: Path, steps: int) -> Path:
+        encoders = {name: model for name, model in self.lora_models.items() if name != "unet"}
+        return save_diffusers_lora(folder, self.pipeline_class, self.lora_models["unet"], encoders, self.info(steps))
+
+
+def finish_run(cfg, run, exporter: RunExporter, checkpointer, validator, summary: dict, skipped: int) -> Path:
+    """The end of a run: every process's LoRA checked equal, a final checkpoint to resume or extend from, then
+    (main process) the diffusers file, train_summary.json, the base-vs-LoRA grid, the kohya file, model card and
+    upload. Returns the diffusers file."""
+    accelerator, steps, output_dir = run.accelerator, cfg.train.max_steps, Path(cfg.output_dir)
+    check_replicas_agree(accelerator, *exporter.lora_models.values())
+    final = output_dir / WEIGHT_NAME
+    with run.phases("export"):
+        checkpointer.save(steps)
+        if accelerator.is_main_process:
+            final = exporter.write(output_dir, steps)
+            log.info("exported %s (%s it/s)", final, summary["steady_it_per_s"])
+        validator.before_after(steps)  # before the model card, which shows it
+        if accelerator.is_main_process:
+            publish(output_dir, cfg.export, exporter.lora_models, exporter.info(steps))
+    if accelerator.is_main_process:
+        write_summary(output_dir, {**summary, **run.phases.summary()})
+        log.info("summary: %d steps, %d skipped (NaN/Inf); %s", steps - run.start, skipped, run.photos.summary())
+    accelerator.end_training()
+    return final
