@@ -25,11 +25,11 @@ def recipe_module(name: str):
         raise FinetuneError(f"recipe: {name!r} is not a recipe; see the recipes/ folder") from None
 
 
-def load_recipe_config(path: str | None, overrides: list[str]):
-    """(recipe module, typed config) for a YAML file whose `recipe:` key names the recipe."""
+def load_recipe_config(path: str | None, overrides: list[str], default_recipe: str = DEFAULT_RECIPE):
+    """(recipe module, typed config) for a YAML file whose `recipe:` key names the recipe (else `default_recipe`)."""
     from .config import load, recipe_name
 
-    module = recipe_module(recipe_name(path, DEFAULT_RECIPE))
+    module = recipe_module(recipe_name(path, default_recipe))
     return module, load(module.Config, path, overrides)
 
 
@@ -190,6 +190,21 @@ def cmd_generate(args) -> None:
     print(f"wrote {len(images)} images and grid.png to {out}")
 
 
+def cmd_eval(args) -> None:
+    import json
+
+    from .evaluation.runner import default_output, evaluate
+    from .evaluation.targets import find_targets
+    targets = find_targets(args.run, args.checkpoints)
+    header = targets[-1].header
+    # The base model the LoRA was trained on (its header) wins over a shared YAML's; a model.pretrained= override,
+    # applied after it, over both. JSON quoting keeps the name a string whatever YAML would make of it.
+    trained_on = [f"model.pretrained={json.dumps(header['base_model'])}"] if header.get("base_model") else []
+    _, cfg = load_recipe_config(args.config, trained_on + args.overrides, header.get("recipe", DEFAULT_RECIPE))
+    _, text = evaluate(cfg, targets, args.out or default_output(args.run), args.device, args.overwrite)
+    print(text)
+
+
 def cmd_export(args) -> None:
     from .config import ModelConfig
     check_export_args(args)
@@ -253,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="generated", help="folder for the PNGs and grid.png")
     gen.set_defaults(func=cmd_generate)
 
+    ev = sub.add_parser("eval", help="subject and prompt fidelity (DINO, CLIP-I, CLIP-T) and prior drift of each "
+                                     "checkpoint, by the DreamBooth paper's protocol")
+    ev.add_argument("run", help="run folder (output_dir of finetune train) or a LoRA file")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.instance_dir=photos/ eval.num_images=2")
+    ev.add_argument("--checkpoints", default="all", help="all, latest, or step-N,step-M,... (default: all)")
+    ev.add_argument("--config", default=None, help="the training YAML, for data.instance_dir, eval.* and the model")
+    ev.add_argument("--out", default=None, help="folder for the results (default: RUN/eval)")
+    ev.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
+    ev.set_defaults(func=cmd_eval)
+
     exp = sub.add_parser("export", help="convert a LoRA between kohya and diffusers formats, or fuse it into "
                                         "its base model")
     exp.add_argument("src", help="LoRA file (either format) or run folder")
@@ -294,9 +320,21 @@ def quiet_libraries() -> None:
 WRITES_INTO = {"generate": "out", "export": "out", "demo": "out"}
 
 
+def parse_args(argv: list[str] | None):
+    """argparse stops filling a positional list at the first option (`eval RUN --config C a.b=1` leaves `a.b=1`
+    over), so leftover `section.key=value` words join the command's overrides wherever they were written."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     folder = getattr(args, WRITES_INTO.get(args.command, ""), None)
     try:
         with writing_into(folder, f"--out {folder}", "earlier files are intact: free disk space or fix "

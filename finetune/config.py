@@ -413,6 +413,8 @@ class ValidationConfig:
     scheduler: Literal[SAMPLERS] = option("dpm++", "sampler for validation images: dpm++, ddim, euler, euler_a, "
                                                    "pndm or default")
     before_after: bool = option(True, "at the end, a grid of base-model vs LoRA images with the same seeds")
+    metrics: bool = option(False, "also score each validation grid (DINO, CLIP-I, CLIP-T, prior drift; models from "
+                                  "eval.*) and log the numbers to TensorBoard")
 
     def __post_init__(self):
         check(self.every >= 0, "validation.every", "must be 0 or more")
@@ -420,6 +422,46 @@ class ValidationConfig:
         check(self.steps >= 1, "validation.steps", "must be at least 1")
         check(self.seed >= 0, "validation.seed", "must be 0 or more")
         check(self.guidance >= 0, "validation.guidance", "must be 0 or more")
+        check(not self.metrics or bool(self.prompts), "validation.metrics", "needs validation.prompts (the images it "
+                                                                           "scores)")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """`finetune eval` and validation.metrics: the DreamBooth paper's subject and prompt fidelity metrics."""
+    dino_model: str = option("facebook/dino-vits16", "DINO model for subject fidelity (the paper's ViT-S/16): Hub id "
+                                                     "or local folder, loaded with transformers")
+    clip_model: str = option("openai/clip-vit-base-patch32", "CLIP model for CLIP-I and CLIP-T (ViT-B/32, as "
+                                                             "CustomConcept101, DreamBench++ use): Hub id or folder")
+    subject_type: Literal["object", "live"] = option("object", "the paper's prompt set: object (25 prompts) or live "
+                                                               "(25 for pets and people: outfits, hats)")
+    prompts: list[str] = option([], "your own prompts instead of the paper's, with {subject} where the subject goes")
+    prompts_file: str | None = option(None, "a text file of your own prompts, one per line with {subject} (# starts a "
+                                            "comment)")
+    subject: str | None = option(None, "the phrase naming the subject, identifier and class, e.g. 'sks dog' "
+                                       "(default: the LoRA's trigger, a leading 'a photo of' dropped)")
+    class_noun: str | None = option(None, "the subject's class without the identifier, e.g. 'dog' (default: the "
+                                          "subject phrase without its first word)")
+    class_prompt: str = option("a photo of a {class}", "prompt of the prior-drift images; {class} is the class noun")
+    num_class_images: int = option(8, "prior-drift images per checkpoint, compared seed for seed with the base model's")
+    num_images: int = option(4, "images per prompt (the paper's 4); image k uses seed + k at every checkpoint")
+    seed: int = option(0, "seed of the first image of each prompt")
+    steps: int = option(25, "sampler steps per image")
+    guidance: float = option(7.5, "classifier-free guidance scale")
+    scheduler: str = option("dpm++", "sampler: dpm++, ddim, euler, euler_a, pndm or default")
+    resolution: int | None = option(None, "image size in pixels (default: the LoRA's training resolution)")
+    batch_size: int = option(8, "images generated per batch")
+    max_clip_t_drop: float = option(0.02, "best checkpoint: the highest DINO among those whose CLIP-T is at most this "
+                                          "far below the base model's")
+
+    def __post_init__(self):
+        for key in ("num_images", "num_class_images", "steps", "batch_size"):
+            check(getattr(self, key) >= 1, f"eval.{key}", "must be at least 1")
+        check(self.max_clip_t_drop >= 0, "eval.max_clip_t_drop", "must be 0 or more")
+        check(self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0), "eval.resolution",
+              "must be a multiple of 8")
+        check(not (self.prompts and self.prompts_file), "eval.prompts",
+              "set eval.prompts or eval.prompts_file, not both")
 
 
 @dataclasses.dataclass
@@ -432,6 +474,7 @@ class DreamBoothConfig:
     train: TrainConfig = option(TrainConfig(), "the optimisation")
     loss: LossConfig = option(LossConfig(), "loss weighting and noise options")
     validation: ValidationConfig = option(ValidationConfig(), "images drawn while training")
+    eval: EvalConfig = option(EvalConfig(), "finetune eval and validation.metrics: subject and prompt fidelity")
     export: ExportConfig = option(ExportConfig(), "extra export formats, model card and Hub upload")
     output_dir: str = option("runs/dreambooth-lora", "checkpoints, TensorBoard logs and the exported LoRA go here")
 

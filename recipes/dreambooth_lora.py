@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from finetune.config import DreamBoothConfig
+from finetune.evaluation.during_training import validation_scorer
 from finetune.export.lora_weights import load_into_models, read_lora
 from finetune.models import ensure_unet, load_pipeline, training_scheduler
 from finetune.training.conditioning import SD, ModelKind
@@ -90,7 +91,7 @@ def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
     exporter = RunExporter(cfg, pipe, kind.pipeline_class, training.lora_models, run, recipe)
     checkpointer = Checkpointer(cfg, run, exporter.write)
     validator = Validator(cfg.validation, run.accelerator, pipe, list(training.lora_models.values()),
-                          cfg.output_dir, cfg.train.resolution)
+                          cfg.output_dir, cfg.train.resolution, validation_scorer(cfg, run.instance, run.accelerator))
     with phase("training"):
         result = train_loop(cfg, run, training, plans, objective, checkpointer, validator)
 

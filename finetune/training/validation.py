@@ -26,9 +26,10 @@ class Validator:
     """Draws cfg.prompts with the training pipeline; `lora_models` are the modules carrying LoRA."""
 
     def __init__(self, cfg: ValidationConfig, accelerator, pipe, lora_models: list, output_dir: str | Path,
-                 resolution: int):
+                 resolution: int, metrics=None):
         self.cfg, self.accelerator, self.pipe, self.lora_models = cfg, accelerator, pipe, lora_models
         self.folder, self.resolution = Path(output_dir) / SAMPLES, resolution
+        self.metrics, self.base = metrics, None  # validation.metrics: finetune.evaluation's scorer; base embeddings
         if cfg.prompts:
             set_scheduler(pipe, cfg.scheduler, "validation.scheduler")
             pipe.set_progress_bar_config(disable=True)
@@ -42,10 +43,21 @@ class Validator:
             return None
         path = None
         if self.accelerator.is_main_process:
-            grid = image_grid(self.draw(), rows=len(self.cfg.prompts))
-            path = self.save(grid, f"step-{step:06d}.png", "validation", step)
+            images = self.draw()
+            path = self.save(image_grid(images, rows=len(self.cfg.prompts)), f"step-{step:06d}.png", "validation", step)
+            if self.metrics is not None:
+                self.log_metrics(images, step)
         self.accelerator.wait_for_everyone()
         return path
+
+    def log_metrics(self, images: list, step: int) -> None:
+        """validation.metrics: this grid's scores in TensorBoard, and once (at step 0) the base model's, whose
+        images, drawn the first time, are also what prior drift compares with."""
+        if self.base is None:
+            with lora_disabled(self.lora_models):
+                self.base = self.metrics.embed(self.draw())
+            self.accelerator.log(self.metrics.scores(self.base, self.base), step=0)
+        self.accelerator.log(self.metrics.scores(self.metrics.embed(images), self.base), step=step)
 
     def before_after(self, step: int) -> Path | None:
         """Base model and LoRA, same prompts and seeds: for each prompt a base row, then a LoRA row."""
