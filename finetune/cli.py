@@ -63,39 +63,27 @@ def cmd_plan(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .config import ModelConfig
-    from .data.images import image_grid
-    from .inference import device_and_dtype, generate, load_loras, parse_lora_arg, set_scheduler
-    from .models import load_pipeline
+    from .inference import load_generator, parse_lora_arg, save_images, text_to_image
 
-    device, dtype = device_and_dtype(args.device)
-    pipe = load_pipeline(ModelConfig(pretrained=args.model), dtype=dtype)
-    load_loras(pipe, [parse_lora_arg(text) for text in args.lora])
-    set_scheduler(pipe, args.scheduler, "--scheduler")
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    images = generate(pipe, args.prompt, args.num_images, args.seed, args.steps, args.guidance, args.resolution)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(out / f"{i:04d}.png")
-    image_grid(images, rows=len(args.prompt)).save(out / "grid.png")
+    pipe = load_generator(args.model, [parse_lora_arg(text) for text in args.lora], args.scheduler, args.device)
+    images = text_to_image(pipe, args.prompt, args.num_images, args.seed, args.steps, args.guidance, args.resolution)
+    out = save_images(images, args.out, rows=len(args.prompt))
     print(f"wrote {len(images)} images and grid.png to {out}")
 
 
 def cmd_export(args) -> None:
     from .config import ModelConfig
+    base = ModelConfig(pretrained=args.base, single_file_config=args.base_config) if args.base else None
     if args.fuse:
         from .export.merge import fuse_lora_into
-        if not args.base:
+        if not base:
             raise FinetuneError("export --fuse needs --base MODEL (the model the LoRA was trained on)")
-        base = ModelConfig(pretrained=args.base, single_file_config=args.base_config)
         print(f"wrote {fuse_lora_into(base, args.src, args.scale, args.out)}")
         return
     from .export.convert import convert_lora
     if not args.format:
         raise FinetuneError("export needs --format kohya|diffusers (convert) or --fuse --base MODEL (merge)")
-    print(f"wrote {convert_lora(args.src, args.format, args.out, args.precision)}")
+    print(f"wrote {convert_lora(args.src, args.format, args.out, args.precision, base)}")
 
 
 def cmd_demo(args) -> None:
@@ -151,8 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=["kohya", "diffusers"], help="convert to this LoRA format")
     exp.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="kohya weight precision")
     exp.add_argument("--fuse", action="store_true", help="write the base model with the LoRA fused in")
-    exp.add_argument("--base", help="with --fuse: base model (Hub id, diffusers folder or .safetensors file)")
-    exp.add_argument("--base-config", default=None, help="with --fuse and a single-file base: its config folder")
+    exp.add_argument("--base", help="the model the LoRA was trained on (Hub id, diffusers folder or .safetensors "
+                                    "file): needed with --fuse, and to convert a file that does not name its family "
+                                    "or uses the original U-Net layout (sd-scripts' SDXL files)")
+    exp.add_argument("--base-config", default=None, help="with a single-file --base: its config folder or Hub id")
     exp.add_argument("--scale", type=float, default=1.0, help="with --fuse: LoRA strength")
     exp.add_argument("--out", required=True, help="output .safetensors file, or folder")
     exp.set_defaults(func=cmd_export)

@@ -1,4 +1,9 @@
-"""Base model plus zero or more LoRAs -> images, and the samplers shared with class-image generation."""
+"""Base model plus zero or more LoRAs -> images, and the samplers shared with class-image generation.
+
+The base model's family (finetune.family) picks diffusers' pipeline: SD 1.x/2.x or SDXL (both text encoders and
+its size conditioning); a v-prediction model keeps its prediction type through every sampler swap, since each
+sampler is built from the model's own scheduler config.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +13,12 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        EulerDiscreteScheduler, PNDMScheduler)
 from PIL import Image
 
+from .config import ModelConfig
+from .data.images import image_grid
 from .errors import FinetuneError
+from .export.pipeline_lora import load_lora
+from .family import Family, resolve_family
+from .models import load_pipeline
 
 SCHEDULERS = {
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
@@ -19,13 +29,18 @@ SCHEDULERS = {
 }
 
 
+def check_scheduler(name: str, key: str = "scheduler") -> None:
+    """An unknown sampler name is a one-line error naming `key`, the option it came from."""
+    if name != "default" and name not in SCHEDULERS:
+        raise FinetuneError(f"{key}: {name!r} is unknown; choose default or one of {', '.join(SCHEDULERS)}")
+
+
 def set_scheduler(pipe, name: str, key: str = "scheduler") -> None:
-    """Swap the pipeline's sampler by name ('default' keeps the model's own); the noise schedule is kept.
-    An unknown name is a one-line error naming `key`, the option it came from."""
+    """Swap the pipeline's sampler by name ('default' keeps the model's own); the noise schedule and the
+    prediction type (epsilon or v) are kept."""
+    check_scheduler(name, key)
     if name == "default":
         return
-    if name not in SCHEDULERS:
-        raise FinetuneError(f"{key}: {name!r} is unknown; choose default or one of {', '.join(SCHEDULERS)}")
     cls, extra = SCHEDULERS[name]
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
 
@@ -41,19 +56,45 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def load_loras(pipe, loras: list[tuple[str, float]]) -> None:
-    """Load each LoRA (a file or a folder with pytorch_lora_weights.safetensors) as its own adapter."""
-    names = []
-    for i, (path, _) in enumerate(loras):
+def check_loras(loras: list[tuple[str, float]]) -> None:
+    for path, _ in loras:
         if not Path(path).exists():
             raise FinetuneError(f"--lora {path}: no such file or folder")
+
+
+def load_loras(pipe, loras: list[tuple[str, float]], family: Family | None = None,
+               partial: bool = False) -> dict[str, list[str]]:
+    """Load each LoRA (a file in any common layout, or a folder with pytorch_lora_weights.safetensors) as its own
+    adapter, at its scale. Returns, per file, the layers left out because they do not fit the model (only with
+    `partial`; otherwise such a file is an error)."""
+    check_loras(loras)
+    names, unfit = [], {}
+    for i, (path, _) in enumerate(loras):
         names.append(f"lora{i}")
-        try:
-            pipe.load_lora_weights(path, adapter_name=names[-1])
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise FinetuneError(f"--lora {path}: could not be loaded ({str(exc).splitlines()[0][:200]})") from None
+        unfit[path] = load_lora(pipe, path, names[-1], family, partial=partial)
     if names:
         pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    return unfit
+
+
+def load_generator(model: str | ModelConfig, loras: list[tuple[str, float]] = (), scheduler: str = "dpm++",
+                   device: str | None = None, key: str = "--model"):
+    """The base model's text-to-image pipeline for its family, with `loras` ((file, scale) pairs) loaded and the
+    named sampler, on `device` (default: CUDA in fp16 if there is one, else the CPU in fp32)."""
+    model = model if isinstance(model, ModelConfig) else ModelConfig(pretrained=str(model))
+    check_scheduler(scheduler, "--scheduler")
+    check_loras(list(loras))
+    family = resolve_family(model, key)
+    if family.inpainting:
+        raise FinetuneError(f"{key}: {model.pretrained} is {family.label}; give its base model as {key} (and this "
+                            "one as --inpaint-model, with --init-image and --mask)")
+    device, dtype = device_and_dtype(device)
+    pipe = load_pipeline(model, family.pipeline_class(), dtype=dtype)
+    load_loras(pipe, list(loras), family)
+    set_scheduler(pipe, scheduler, "--scheduler")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def device_and_dtype(device: str | None = None) -> tuple[str, torch.dtype]:
@@ -80,3 +121,20 @@ def generate(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps
         if progress:
             print(f"generated {len(images)}/{len(jobs)} images", flush=True)
     return images
+
+
+def text_to_image(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: int = 25,
+                  guidance: float = 7.5, resolution: int | None = None) -> list[Image.Image]:
+    """Images drawn from noise: `num_images` per prompt, image k of a prompt from seed + k, at `resolution`
+    (default: the model's own size, e.g. 1024 for SDXL base)."""
+    return generate(pipe, prompts, num_images, seed, steps, guidance, resolution)
+
+
+def save_images(images: list[Image.Image], out: str | Path, rows: int) -> Path:
+    """out/0000.png, 0001.png, ... and out/grid.png (one row per prompt)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(out / f"{i:04d}.png")
+    image_grid(images, rows=rows).save(out / "grid.png")
+    return out

@@ -17,6 +17,7 @@ from diffusers import StableDiffusionPipeline
 
 from finetune.config import DreamBoothConfig, LossConfig
 from finetune.data.dataset import LatentSource, PromptEmbeddings
+from finetune.family import require_family
 from finetune.models import load_pipeline, training_scheduler
 from finetune.training.accelerator import weight_dtype
 from finetune.training.distributed import ensure_class_images
@@ -42,6 +43,7 @@ class Result:
 
 
 def main(cfg: Config) -> Result:
+    require_family(cfg.model, RECIPE)  # another family's model: one line naming the recipe that trains it
     run = start_run(cfg, RECIPE)  # output folder checked, resume point found, photos screened
     accelerator, train, instance = run.accelerator, cfg.train, run.instance
     device, dtype = accelerator.device, weight_dtype(accelerator)

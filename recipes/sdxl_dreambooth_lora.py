@@ -17,6 +17,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from finetune.config import DataConfig, DreamBoothConfig, LoraConfig, LossConfig, ModelConfig, TrainConfig, option
 from finetune.data.dataset import LatentSource
+from finetune.family import require_family
 from finetune.models import load_pipeline, training_scheduler
 from finetune.sdxl import SDXLPromptEmbeddings, time_ids
 from finetune.training.accelerator import weight_dtype
@@ -48,6 +49,7 @@ class Result:
 
 
 def main(cfg: Config) -> Result:
+    require_family(cfg.model, RECIPE)  # another family's model: one line naming the recipe that trains it
     run = start_run(cfg, RECIPE)  # output folder checked, resume point found, photos screened (and bucketed)
     accelerator, train, instance = run.accelerator, cfg.train, run.instance
     device, dtype = accelerator.device, weight_dtype(accelerator)

@@ -26,8 +26,9 @@ from ..data.dataset import (BatchPlan, Example, LatentSource, cache_keys, instan
 from ..data.screening import PhotoReport, screen_photos
 from ..export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
 from ..export.lora_weights import load_into_models, read_lora
-from ..export.metadata import model_family, tag_frequency
+from ..export.metadata import tag_frequency
 from ..export.publish import publish
+from ..family import family_of_pipeline
 from ..lora import add_text_encoder_lora, add_unet_lora, keep_lora_fp32, lora_parameters
 from ..models import freeze, is_quantized
 from .accelerator import flat_hparams, make_accelerator
@@ -84,7 +85,7 @@ def add_lora(unet, vae, text_encoders: dict[str, torch.nn.Module], lora: LoraCon
         add_text_encoder_lora(encoder, lora)
         models[name] = encoder
     if lora.init_from:  # continue from an earlier LoRA (a resumed checkpoint overrides it later)
-        load_into_models(read_lora(lora.init_from), models, lora.init_from)
+        load_into_models(read_lora(lora.init_from, unet.config), models, lora.init_from)
     unet.to(device) if is_quantized(unet) else unet.to(device, dtype)  # 4-bit weights are moved, not cast
     vae.to(device, torch.float32)
     for encoder in text_encoders.values():
@@ -174,7 +175,7 @@ def export_info(cfg, pipe, instance: list[Example], steps: int, recipe: str, buc
     """What the exported files say about how they were made (finetune.* header, kohya ss_* keys, model card)."""
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     seen = steps * cfg.train.batch_size * cfg.train.gradient_accumulation
-    info = {"base_model": cfg.model.pretrained, "family": model_family(pipe.unet.config, prediction),
+    info = {"base_model": cfg.model.pretrained, "family": family_of_pipeline(pipe).name,
             "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "unet_targets": cfg.lora.unet_targets,
             "text_encoder": cfg.lora.text_encoder, "steps": steps,
             "trigger": cfg.data.trigger or cfg.data.instance_prompt, "resolution": cfg.train.resolution,
