@@ -17,6 +17,7 @@ from typing import Callable
 
 from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
                        StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline)
+from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .errors import FinetuneError
@@ -98,7 +99,8 @@ def decide(facts: ModelFacts, key: str = "model.pretrained") -> Family:
     where = f"{key}: {facts.source}"
     if not facts.has_unet:
         kind = facts.pipeline or "a model without a U-Net"
-        raise FinetuneError(f"{where} is {kind} (SD3, Flux and other transformer models are not supported); {SUPPORTED}")
+        raise FinetuneError(f"{where} is {kind} (SD3, Flux and other transformer models are not supported); "
+                            f"{SUPPORTED}")
     if facts.in_channels not in (None, 4, 9):
         raise FinetuneError(f"{where} has a U-Net with {facts.in_channels} input channels (depth, upscaler and other "
                             f"image-conditioned models are not supported); {SUPPORTED}")
@@ -196,7 +198,6 @@ def single_file_facts(path: Path, key: str) -> ModelFacts:
     if path.suffix.lower() != ".safetensors":
         raise FinetuneError(f"{key}: {path} is a pickle checkpoint; set model.single_file_config to a folder or Hub "
                             "id with its diffusers configs, from which its model family is read")
-    from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(path), framework="pt") as handle:
             shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}

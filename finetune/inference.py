@@ -16,8 +16,9 @@ from PIL import Image
 from .config import ModelConfig
 from .data.images import image_grid
 from .errors import FinetuneError
+from .export.lora_weights import LoraWeights, read_lora
 from .export.pipeline_lora import load_lora
-from .family import Family, resolve_family
+from .family import Family, decide, model_facts
 from .models import load_pipeline
 
 SCHEDULERS = {
@@ -62,16 +63,22 @@ def check_loras(loras: list[tuple[str, float]]) -> None:
             raise FinetuneError(f"--lora {path}: no such file or folder")
 
 
-def load_loras(pipe, loras: list[tuple[str, float]], family: Family | None = None,
-               partial: bool = False) -> dict[str, list[str]]:
-    """Load each LoRA (a file in any common layout, or a folder with pytorch_lora_weights.safetensors) as its own
-    adapter, at its scale. Returns, per file, the layers left out because they do not fit the model (only with
-    `partial`; otherwise such a file is an error)."""
+def read_loras(loras: list[tuple[str, float]], unet_config, family: Family | None = None) -> list[LoraWeights]:
+    """Every LoRA file read (any common layout) and checked, before a model is loaded to use them."""
     check_loras(loras)
+    return [read_lora(path, unet_config, family) for path, _ in loras]
+
+
+def load_loras(pipe, loras: list[tuple[str, float]], family: Family | None = None, partial: bool = False,
+               weights: list[LoraWeights] | None = None) -> dict[str, list[str]]:
+    """Load each LoRA (a file in any common layout, or a folder with pytorch_lora_weights.safetensors) as its own
+    adapter, at its scale (`weights`: the files, already read). Returns, per file, the layers left out because
+    they do not fit the model (only with `partial`; otherwise such a file is an error)."""
+    weights = weights or read_loras(loras, pipe.unet.config, family)
     names, unfit = [], {}
-    for i, (path, _) in enumerate(loras):
+    for i, ((path, _), read) in enumerate(zip(loras, weights)):
         names.append(f"lora{i}")
-        unfit[path] = load_lora(pipe, path, names[-1], family, partial=partial)
+        unfit[path] = load_lora(pipe, path, names[-1], family, partial=partial, weights=read)
     if names:
         pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
     return unfit
@@ -84,13 +91,17 @@ def load_generator(model: str | ModelConfig, loras: list[tuple[str, float]] = ()
     model = model if isinstance(model, ModelConfig) else ModelConfig(pretrained=str(model))
     check_scheduler(scheduler, "--scheduler")
     check_loras(list(loras))
-    family = resolve_family(model, key)
+    facts = model_facts(model, key)
+    family = decide(facts, key)
     if family.inpainting:
         raise FinetuneError(f"{key}: {model.pretrained} is {family.label}; give its base model as {key} (and this "
                             "one as --inpaint-model, with --init-image and --mask)")
+    # The LoRA files are read before the model loads, so a bad one costs no loading (a single file without its
+    # configs shows its U-Net config only once loaded).
+    weights = read_loras(list(loras), facts.unet_config, family) if facts.unet_config else None
     device, dtype = device_and_dtype(device)
     pipe = load_pipeline(model, family.pipeline_class(), dtype=dtype)
-    load_loras(pipe, list(loras), family)
+    load_loras(pipe, list(loras), family, weights=weights)
     set_scheduler(pipe, scheduler, "--scheduler")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -39,8 +39,8 @@ LYCORIS = {".hada_": "LoHa", ".lokr_": "LoKr"}  # key pieces of LyCORIS' other d
 # attention and MLP projections. A converted name outside these is a key that was not understood.
 UNET_MODULE = re.compile(
     r"((down_blocks|up_blocks)\.\d+|mid_block)\.("
-    r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj"
-    r"|ff\.net\.2))|resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)|(down|up)samplers\.0\.conv)"
+    r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+    r"|ff\.net\.0\.proj|ff\.net\.2))|resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)|(down|up)samplers\.0\.conv)"
     r"|conv_in|conv_out|time_embedding\.linear_[12]|add_embedding\.linear_[12]")
 TEXT_MODULE = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
 
@@ -252,7 +252,8 @@ def load_into_models(weights: LoraWeights, models: dict, path: str | Path) -> No
         ours = canonical(name, state)
         modules = sorted(k[:-len(".lora_A.weight")] for k in ours if k.endswith(".lora_A.weight"))
         if modules != weights.modules(name):
-            extra = sorted(set(weights.modules(name)) - set(modules)) or sorted(set(modules) - set(weights.modules(name)))
+            theirs = set(weights.modules(name))
+            extra = sorted(theirs - set(modules)) or sorted(set(modules) - theirs)
             raise FinetuneError(f"lora.init_from: {path} puts LoRA on other {name} layers than lora.unet_targets "
                                 f"does (differs at {extra[0]}); choose the preset the file was trained with")
         wrong = [k for k, v in weights.layers[name].items() if v.shape != ours[k].shape]

@@ -13,7 +13,7 @@ import torch
 from ..errors import FinetuneError
 from ..family import Family
 from .kohya import peft_to_kohya
-from .lora_weights import fit_to_models, read_lora
+from .lora_weights import LoraWeights, fit_to_models, read_lora
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -24,13 +24,14 @@ def pipeline_parts(pipe) -> dict:
 
 
 def load_lora(pipe, path: str | Path, adapter_name: str, family: Family | None = None, key: str = "--lora",
-              partial: bool = False) -> list[str]:
-    """Load one LoRA file (or run folder) into `pipe` as adapter `adapter_name`.
+              partial: bool = False, weights: LoraWeights | None = None) -> list[str]:
+    """Load one LoRA file (or run folder) into `pipe` as adapter `adapter_name` (`weights`: the file, already
+    read).
 
     Every layer must fit one of the pipeline's (same module, same shapes); with `partial` (a LoRA trained on a
     base model, loaded into a variant of it such as its inpainting model) those that do not are left out and
     returned, so the caller can say which."""
-    weights = read_lora(path, pipe.unet.config, family)
+    weights = weights or read_lora(path, pipe.unet.config, family)
     fitting, unfit = fit_to_models(weights, pipeline_parts(pipe))
     if unfit and (not partial or not fitting.layers):
         raise FinetuneError(f"{key} {path}: {len(unfit)} of its layers do not fit this model (e.g. "
