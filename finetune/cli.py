@@ -63,11 +63,13 @@ def cmd_plan(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .inference import load_generator, parse_lora_arg, save_images, text_to_image
+    from .inference import Sampling, generate_command, parse_lora_arg, save_images
 
-    pipe = load_generator(args.model, [parse_lora_arg(text) for text in args.lora], args.scheduler, args.device)
-    images = text_to_image(pipe, args.prompt, args.num_images, args.seed, args.steps, args.guidance, args.resolution)
-    out = save_images(images, args.out, rows=len(args.prompt))
+    sampling = Sampling(args.num_images, args.seed, args.steps, args.guidance, args.negative_prompt)
+    images, shown = generate_command(args.model, args.prompt, [parse_lora_arg(text) for text in args.lora], sampling,
+                                     args.scheduler, args.device, args.resolution, args.init_image, args.mask,
+                                     args.strength, args.inpaint_model)
+    out = save_images(images, args.out, rows=len(args.prompt), beside=shown)
     print(f"wrote {len(images)} images and grid.png to {out}")
 
 
@@ -118,17 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", default=None, help="also write the estimates to this JSON file")
     plan.set_defaults(func=cmd_plan)
 
-    gen = sub.add_parser("generate", help="generate images with a base model and LoRAs")
+    gen = sub.add_parser("generate", help="generate images with a base model and LoRAs: from noise, from an image "
+                                          "(--init-image), or into a masked region of it (--mask)")
     gen.add_argument("--model", required=True, help="base model: Hub id, diffusers folder or .safetensors file")
     gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                      help="LoRA file or run folder, optionally with its scale; repeat for several")
     gen.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several")
+    gen.add_argument("--negative-prompt", default=None, help="what to steer away from, for every prompt")
     gen.add_argument("--num-images", type=int, default=4, help="images per prompt")
     gen.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k")
     gen.add_argument("--steps", type=int, default=25, help="sampler steps")
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     gen.add_argument("--scheduler", default="dpm++", help="dpm++, ddim, euler, euler_a, pndm or default")
-    gen.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
+    gen.add_argument("--resolution", type=int, default=None, help="image size in pixels, a multiple of 8 (default: "
+                                                                  "the model's; with --init-image: the image's)")
+    gen.add_argument("--init-image", default=None, help="image-to-image: start from this picture (sides multiples "
+                                                        "of 8)")
+    gen.add_argument("--strength", type=float, default=None, help="with --init-image: how far to move from it, 0 "
+                                                                  "(keep) to 1 (draw anew); default 0.75, with "
+                                                                  "--mask 1.0")
+    gen.add_argument("--mask", default=None, help="with --init-image: inpaint where this image (same size) is white")
+    gen.add_argument("--inpaint-model", default=None, help="with --mask: an inpainting checkpoint of --model's "
+                                                           "family to paint with (default: --model's own weights)")
     gen.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     gen.add_argument("--out", default="generated", help="folder for the PNGs and grid.png")
     gen.set_defaults(func=cmd_generate)

@@ -11,8 +11,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
+                       StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_RESOLUTION = 64  # pixels; the VAE downsamples 8x, like SD's, so latents are 8x8
@@ -74,17 +75,20 @@ def tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
                          layers_per_block=1, norm_num_groups=8, sample_size=TINY_RESOLUTION)
 
 
-def tiny_unet(family: str, cross_attention_dim: int = TEXT_DIM, **extra) -> UNet2DConditionModel:
+def tiny_unet(family: str, cross_attention_dim: int = TEXT_DIM, in_channels: int = 4,
+              **extra) -> UNet2DConditionModel:
     sd2 = family == "sd2"
     return UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=TINY_RESOLUTION // 8, in_channels=in_channels, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=cross_attention_dim,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=(2, 4) if sd2 else 8, use_linear_projection=sd2, **extra)
 
 
-def build_tiny_sd(folder: str | Path, family: str = "sd1", seed: int = 0) -> Path:
-    """Write a tiny SD1.x ('sd1', epsilon) or SD2.x-v ('sd2', v-prediction) pipeline folder; return its path."""
+def build_tiny_sd(folder: str | Path, family: str = "sd1", seed: int = 0, inpainting: bool = False) -> Path:
+    """Write a tiny SD1.x ('sd1', epsilon) or SD2.x-v ('sd2', v-prediction) pipeline folder; return its path.
+    `inpainting`: an inpainting checkpoint instead, whose U-Net also takes the mask and the masked image's
+    latents (9 input channels)."""
     if family not in ("sd1", "sd2"):
         raise ValueError(f"family must be sd1 or sd2, got {family!r}")
     folder = Path(folder)
@@ -97,9 +101,11 @@ def build_tiny_sd(folder: str | Path, family: str = "sd1", seed: int = 0) -> Pat
         scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction",
                                   **schedule)
     text_encoder = tiny_text_encoder(len(tokenizer), openclip=family == "sd2")  # SD 2.x: OpenCLIP
-    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=tiny_unet(family), scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    unet = tiny_unet(family, in_channels=9 if inpainting else 4)
+    pipe = pipeline_class(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                          requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     save_tokenizer(tokenizer, folder / "tokenizer")
     return folder
