@@ -35,6 +35,7 @@ PIPELINES = {
              "inpaint": StableDiffusionXLInpaintPipeline},
 }
 SUPPORTED = "finetune supports SD 1.x, SD 2.x and SDXL base models"
+FAMILY_NAMES = ("sd1", "sd2", "sd2-v", "sdxl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +237,7 @@ def family_of_lora(layers: dict[str, dict], header: dict[str, str]) -> Family | 
     decide where they are a released model's: the U-Net's cross-attention inputs (attn2.to_k: 768 SD 1.x, 1024
     SD 2.x, 2048 SDXL), the text encoder's (768 / 1024), a second text encoder (SDXL). Only then the sd-scripts
     header keys, which name SD 2.x models wrongly when their U-Net config lacks use_linear_projection."""
-    if header.get("finetune.family"):
+    if header.get("finetune.family") in FAMILY_NAMES:
         return Family.from_name(header["finetune.family"])
     v = (header.get("ss_v_parameterization") == "True" or header.get("modelspec.prediction_type") == "v"
          or header.get("finetune.prediction_type") == "v_prediction")

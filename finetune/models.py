@@ -1,6 +1,7 @@
 """Load the parts of a pretrained latent diffusion pipeline: from the Hub, a local folder or one file."""
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def load_pipeline(model: ModelConfig, pipeline_class: type[DiffusionPipeline] = 
     With model.quantize_unet=nf4 the U-Net comes in 4 bits on the GPU, computing in `compute_dtype`.
     """
     source = describe_source(model.pretrained, model.allow_pickle)
-    if pipeline_class is StableDiffusionPipeline:
+    # Every SD 1.x/2.x pipeline (text-to-image, image-to-image, inpainting) takes a safety checker: not loaded.
+    if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
         extra = {"safety_checker": None, "requires_safety_checker": False, **extra}
     if model.quantize_unet != "none":
         extra = {"unet": load_nf4_unet(model, source, compute_dtype), **extra}

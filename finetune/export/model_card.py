@@ -5,6 +5,8 @@ from pathlib import Path
 
 import yaml
 
+from ..family import Family
+
 SETTINGS = ("base_model", "family", "rank", "alpha", "unet_targets", "text_encoder", "steps", "epochs",
             "learning_rate", "batch_size", "resolution", "prediction_type", "num_train_images", "num_class_images",
             "seed")
@@ -14,7 +16,8 @@ def write_model_card(folder: str | Path, info: dict, license: str, kohya_file: s
                      grid: str | None = None) -> Path:
     """Write folder/README.md; `kohya_file` and `grid` are file names inside folder, when present."""
     folder = Path(folder)
-    sdxl = info.get("family") == "sdxl"
+    family = Family.from_name(str(info["family"]))  # the name finetune.family resolved at training time
+    sdxl = family.is_sdxl
     header = {
         "base_model": str(info.get("base_model", "")),
         "license": license,
@@ -24,7 +27,7 @@ def write_model_card(folder: str | Path, info: dict, license: str, kohya_file: s
         "instance_prompt": str(info.get("trigger", "")),
         "inference": True,
     }
-    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    pipeline = family.pipeline_class().__name__
     lines = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "",
              f"# {info.get('title') or folder.name}", "",
              f"A DreamBooth LoRA for `{header['base_model']}`, trained with finetune. Trigger phrase: "
