@@ -32,7 +32,7 @@ def test_edit_with_lora_draws_moves_and_places_the_subject(tiny_sd1, trained_sd1
     photo.save(tmp_path / "photo.png")
     mask.save(tmp_path / "mask.png")
     run_example("edit_with_lora.py", [tiny_sd1, trained_sd1, tmp_path / "photo.png", tmp_path / "mask.png",
-                                      "a photo of sks dog", tmp_path / "out"], monkeypatch)
+                                      "a photo of sks dog", tmp_path / "out", 4], monkeypatch)
     assert "wrote drawn.png, moved.png, placed.png" in capsys.readouterr().out
     drawn, moved, placed = (np.asarray(Image.open(tmp_path / "out" / f"{n}.png"), dtype=float)
                             for n in ("drawn", "moved", "placed"))
