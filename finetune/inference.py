@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
@@ -100,7 +102,7 @@ def load_loras(pipe, loras: list[tuple[str, float]], family: Family | None = Non
     return unfit
 
 
-def load_generator(model: str | ModelConfig, loras: list[tuple[str, float]] = (), scheduler: str = "dpm++",
+def load_generator(model: str | ModelConfig, loras: Sequence[tuple[str, float]] = (), scheduler: str = "dpm++",
                    device: str | None = None, key: str = "--model"):
     """The base model's text-to-image pipeline for its family, with `loras` ((file, scale) pairs) loaded and the
     named sampler, on `device` (default: CUDA in fp16 if there is one, else the CPU in fp32). Every mode below
@@ -117,7 +119,7 @@ def load_generator(model: str | ModelConfig, loras: list[tuple[str, float]] = ()
 
 
 def load_inpainter(inpaint_model: str | ModelConfig, base_model: str | ModelConfig,
-                   loras: list[tuple[str, float]] = (), scheduler: str = "dpm++", device: str | None = None):
+                   loras: Sequence[tuple[str, float]] = (), scheduler: str = "dpm++", device: str | None = None):
     """An inpainting checkpoint (a U-Net that also sees the mask) of `base_model`'s family, with the LoRAs trained
     on `base_model`: the layers of theirs it does not have (e.g. a LoRA on the 4-channel input convolution) are
     left out, with a notice naming them."""
@@ -141,7 +143,7 @@ def _load(model: ModelConfig, facts, family: Family, mode: str, loras, scheduler
     # configs shows its U-Net config only once loaded).
     weights = read_loras(list(loras), facts.unet_config, family) if facts.unet_config else None
     device, dtype = device_and_dtype(device)
-    pipe = load_pipeline(model, family.pipeline_class(mode), dtype=dtype)
+    pipe: Any = load_pipeline(model, family.pipeline_class(mode), dtype=dtype)  # the family's class, as asked
     unfit = load_loras(pipe, list(loras), family, partial=family.inpainting, weights=weights)
     for path, layers in unfit.items():
         if layers:
@@ -328,11 +330,11 @@ def generate_command(model: str, prompts: list[str], loras: list[tuple[str, floa
     if photo is not None:
         check_size(photo, "--init-image")
     region = open_image(mask, "mask") if mask is not None else None
-    if region is not None:
+    if region is not None and photo is not None:  # a mask without --init-image was refused above
         check_mask(region, photo)
     pipe = (load_inpainter(inpaint_model, model, loras, scheduler, device) if inpaint_model
             else load_generator(model, loras, scheduler, device))
-    if region is not None:
+    if region is not None and photo is not None:
         strength = INPAINT_STRENGTH if strength is None else strength
         return inpaint(pipe, prompts, photo, region, strength, sampling), photo
     if photo is not None:

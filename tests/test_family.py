@@ -63,8 +63,8 @@ def hub_cache(cache: Path, repo: str, files: dict[str, dict]) -> None:
 
 
 def test_every_tiny_family(tiny_sd1, tiny_sd2, tiny_sdxl):
-    from finetune.models import load_pipeline
     from finetune.config import ModelConfig
+    from finetune.models import load_pipeline
     want = {tiny_sd1: Family("sd1"), tiny_sd2: Family("sd2", "v_prediction"), tiny_sdxl: Family("sdxl")}
     for folder, family in want.items():
         assert resolve_family(str(folder)) == family

@@ -93,7 +93,8 @@ def test_cli_writes_the_outputs_and_a_grid_with_the_input_beside_them(model, mod
     extra = ["--strength", 0.5] if mode == "img2img" else ["--mask", mask]
     code, out, err = run_cli("generate", "--model", base, "--lora", f"{run}:0.8", "--lora", f"{second}:0.3",
                              "--prompt", PROMPT, "--prompt", "a dog", "--negative-prompt", "blurry", "--num-images", 2,
-                             "--steps", 4, "--scheduler", "euler", "--init-image", photo, *extra, "--out", tmp_path / "o")
+                             "--steps", 4, "--scheduler", "euler", "--init-image", photo, *extra,
+                             "--out", tmp_path / "o")
     assert code == 0, err
     assert "wrote 4 images" in out
     grid = Image.open(tmp_path / "o" / "grid.png")

@@ -28,6 +28,8 @@ def export_kohya(weights: LoraWeights, path: str | Path, info: dict, precision: 
 
 def export_diffusers(weights: LoraWeights, path: str | Path, info: dict) -> Path:
     """A diffusers file from any LoraWeights (for a LoRA trained here, save_diffusers_lora writes it directly)."""
+    if weights.family is None:
+        raise FinetuneError(f"{path}: the LoRA's model family is not known; give --base MODEL")
     layers = {name: convert_state_dict_to_diffusers(part) for name, part in weights.layers.items()}
     adapters = {name: {"r": weights.rank(name), "lora_alpha": weights.alpha[name],
                        "target_modules": weights.modules(name), "use_dora": False, "lora_bias": False}
@@ -47,7 +49,7 @@ def read_for_conversion(src: str | Path, base: ModelConfig | None) -> LoraWeight
     facts = model_facts(base, "--base") if base else None
     family = decide(facts, "--base") if facts else None
     weights = read_lora(src, facts.unet_config if facts else None)
-    if family and weights.family and weights.family.base != family.base:
+    if base and family and weights.family and weights.family.base != family.base:
         raise FinetuneError(f"{src} is a LoRA for {weights.family.label}, but --base {base.pretrained} is "
                             f"{family.label}; give the model it was trained on")
     weights.family = family or weights.family
@@ -67,8 +69,10 @@ def convert_lora(src: str | Path, fmt: str, out: str | Path, precision: str = "f
     if fmt == "kohya" and out.suffix != ".safetensors":
         raise FinetuneError(f"--out {out}: a kohya LoRA is one file; give a path ending in .safetensors")
     weights = read_for_conversion(src, base)
+    family = weights.family
+    assert family is not None  # read_for_conversion refuses a LoRA whose family it cannot tell
     info = header_info(weights)
-    info.update(family=weights.family.name, prediction_type=weights.family.prediction_type)
+    info.update(family=family.name, prediction_type=family.prediction_type)
     if weights.source_format == "kohya" and "trigger" not in info:
         info["trigger"] = weights.header.get("modelspec.trigger_phrase", "")
     if fmt == "kohya":

@@ -40,7 +40,8 @@ LYCORIS = {".hada_": "LoHa", ".lokr_": "LoKr"}  # key pieces of LyCORIS' other d
 UNET_MODULE = re.compile(
     r"((down_blocks|up_blocks)\.\d+|mid_block)\.("
     r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)"
-    r"|ff\.net\.0\.proj|ff\.net\.2))|resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)|(down|up)samplers\.0\.conv)"
+    r"|ff\.net\.0\.proj|ff\.net\.2))|resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)"
+    r"|(down|up)samplers\.0\.conv)"
     r"|conv_in|conv_out|time_embedding\.linear_[12]|add_embedding\.linear_[12]")
 TEXT_MODULE = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
 
@@ -123,8 +124,10 @@ def _from_kohya(tensors: dict, path: Path, unet_config) -> tuple[dict, dict]:
     groups: dict[str, dict] = {}
     for key, value in tensors.items():
         groups.setdefault(key.partition(".")[0], {})[key] = value
-    layers, alphas, failed = {}, {}, []
-    for name, group in sorted(groups.items()):
+    layers: dict[str, dict] = {}
+    alphas: dict[str, dict[str, float]] = {}
+    failed: list[str] = []
+    for _, group in sorted(groups.items()):
         converted = _convert_kohya_module(group, unet_config)
         if converted is None:
             failed += sorted(group)
@@ -269,7 +272,8 @@ def load_into_models(weights: LoraWeights, models: dict, path: str | Path) -> No
 def fit_to_models(weights: LoraWeights, models: dict) -> tuple[LoraWeights, list[str]]:
     """The part of `weights` whose layers exist in `models` (component -> module) with the same shapes, and the
     names of the layers that do not (a LoRA trained on a base model, loaded into its inpainting variant)."""
-    layers, unfit = {}, []
+    layers: dict[str, dict] = {}
+    unfit: list[str] = []
     for component, part in weights.layers.items():
         model = models.get(component)
         found = dict(model.named_modules()) if model is not None else {}

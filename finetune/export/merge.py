@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import save_file
 
@@ -21,7 +22,7 @@ def fuse_lora_into(base: ModelConfig, lora: str | Path, scale: float, out: str |
     original layout the UIs load (SD 1.x, SD 2.x and SDXL alike)."""
     out = Path(out)
     family = resolve_family(base, "--base")
-    pipe = load_pipeline(base, family.pipeline_class("inpaint" if family.inpainting else "text2img"))
+    pipe: Any = load_pipeline(base, family.pipeline_class("inpaint" if family.inpainting else "text2img"))
     load_lora(pipe, lora, "fused", family, key="export")
     pipe.fuse_lora(lora_scale=scale, adapter_names=["fused"])
     pipe.unload_lora_weights()  # drop the adapter modules; the fused base weights stay

@@ -92,7 +92,8 @@ def text_state(encoder) -> dict[str, torch.Tensor]:
 
 def openclip_state(encoder, prefix: str) -> dict[str, torch.Tensor]:
     """A CLIP text model's weights in OpenCLIP's layout under `prefix` (q/k/v fused into in_proj)."""
-    out, fused = {}, {}
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (block, weight or bias) -> q/k/v
     for key, value in text_state(encoder).items():
         block = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", key)
         if key in OPENCLIP_FIXED:

@@ -99,8 +99,9 @@ def test_kohya_file_loads_in_diffusers_like_the_diffusers_file(family, request, 
 
 def test_kohya_names_with_underscored_pieces_read_back_to_their_modules(tmp_path):
     """Flattened kohya names lose which "_" were "."; the reader (diffusers' converter) puts them back."""
-    paths = {"unet": ["down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0", "mid_block.attentions.0.proj_in",
-                      "up_blocks.2.attentions.0.transformer_blocks.0.ff.net.0.proj", "up_blocks.2.resnets.0.conv_shortcut"],
+    paths = {"unet": ["down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0",
+                      "mid_block.attentions.0.proj_in", "up_blocks.2.attentions.0.transformer_blocks.0.ff.net.0.proj",
+                      "up_blocks.2.resnets.0.conv_shortcut"],
              "text_encoder": ["text_model.encoder.layers.11.self_attn.out_proj", "text_model.encoder.layers.0.mlp.fc1"]}
     prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
     tensors = {}

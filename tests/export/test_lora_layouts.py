@@ -40,7 +40,8 @@ def sd_scripts(weights, te_prefixes: dict, blocks: dict | None = None) -> dict:
 
 def diffusers_peft(weights) -> dict:
     """The diffusers example scripts' file: component prefix + peft's lora_A/lora_B names, no adapter metadata."""
-    return {f"{component}.{key}": value for component, layers in weights.layers.items() for key, value in layers.items()}
+    return {f"{component}.{key}": value
+            for component, layers in weights.layers.items() for key, value in layers.items()}
 
 
 def diffusers_processors(weights) -> dict:
@@ -73,8 +74,8 @@ def converted(run_cli, src, base, out):
 
 def same_layers(a, b) -> bool:
     return a.layers.keys() == b.layers.keys() and all(
-        a.layers[c].keys() == b.layers[c].keys() and all(torch.equal(a.layers[c][k], b.layers[c][k]) for k in a.layers[c])
-        for c in a.layers)
+        a.layers[c].keys() == b.layers[c].keys()
+        and all(torch.equal(a.layers[c][k], b.layers[c][k]) for k in a.layers[c]) for c in a.layers)
 
 
 @pytest.mark.parametrize("layout", list(SD1_LAYOUTS))
