@@ -172,21 +172,14 @@ def cmd_plan(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .config import ModelConfig
-    from .data.images import save_images
-    from .inference import device_and_dtype, generate, load_loras, parse_lora_arg, set_scheduler
-    from .models import load_pipeline
+    from .inference import Sampling, generate_command, parse_lora_arg, save_images
 
     check_generate_args(args)
-    device, dtype = device_and_dtype(args.device)
-    pipe = load_pipeline(ModelConfig(pretrained=args.model), dtype=dtype)
-    load_loras(pipe, [parse_lora_arg(text) for text in args.lora])
-    set_scheduler(pipe, args.scheduler, "--scheduler")
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    images = generate(pipe, args.prompt, args.num_images, args.seed, args.steps, args.guidance, args.resolution)
-    out = Path(args.out)
-    save_images(images, out, rows=len(args.prompt))  # each file written atomically
+    sampling = Sampling(args.num_images, args.seed, args.steps, args.guidance, args.negative_prompt)
+    images, shown = generate_command(args.model, args.prompt, [parse_lora_arg(text) for text in args.lora], sampling,
+                                     args.scheduler, args.device, args.resolution, args.init_image, args.mask,
+                                     args.strength, args.inpaint_model)
+    out = save_images(images, args.out, rows=len(args.prompt), beside=shown)
     print(f"wrote {len(images)} images and grid.png to {out}")
 
 
@@ -208,17 +201,17 @@ def cmd_eval(args) -> None:
 def cmd_export(args) -> None:
     from .config import ModelConfig
     check_export_args(args)
+    base = ModelConfig(pretrained=args.base, single_file_config=args.base_config) if args.base else None
     if args.fuse:
         from .export.merge import fuse_lora_into
-        if not args.base:
+        if not base:
             raise FinetuneError("export --fuse needs --base MODEL (the model the LoRA was trained on)")
-        base = ModelConfig(pretrained=args.base, single_file_config=args.base_config)
         print(f"wrote {fuse_lora_into(base, args.src, args.scale, args.out)}")
         return
     from .export.convert import convert_lora
     if not args.format:
         raise FinetuneError("export needs --format kohya|diffusers (convert) or --fuse --base MODEL (merge)")
-    print(f"wrote {convert_lora(args.src, args.format, args.out, args.precision)}")
+    print(f"wrote {convert_lora(args.src, args.format, args.out, args.precision, base)}")
 
 
 def cmd_demo(args) -> None:
@@ -253,17 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", default=None, help="also write the estimates to this JSON file")
     plan.set_defaults(func=cmd_plan)
 
-    gen = sub.add_parser("generate", help="generate images with a base model and LoRAs")
+    gen = sub.add_parser("generate", help="generate images with a base model and LoRAs: from noise, from an image "
+                                          "(--init-image), or into a masked region of it (--mask)")
     gen.add_argument("--model", required=True, help="base model: Hub id, diffusers folder or .safetensors file")
     gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                      help="LoRA file or run folder, optionally with its scale; repeat for several")
     gen.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several")
+    gen.add_argument("--negative-prompt", default=None, help="what to steer away from, for every prompt")
     gen.add_argument("--num-images", type=int, default=4, help="images per prompt")
     gen.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k")
     gen.add_argument("--steps", type=int, default=25, help="sampler steps")
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     gen.add_argument("--scheduler", default="dpm++", help="dpm++, ddim, euler, euler_a, pndm or default")
-    gen.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
+    gen.add_argument("--resolution", type=int, default=None, help="image size in pixels, a multiple of 8 (default: "
+                                                                  "the model's; with --init-image: the image's)")
+    gen.add_argument("--init-image", default=None, help="image-to-image: start from this picture (sides multiples "
+                                                        "of 8)")
+    gen.add_argument("--strength", type=float, default=None, help="with --init-image: how far to move from it, 0 "
+                                                                  "(keep) to 1 (draw anew); default 0.75, with "
+                                                                  "--mask 1.0")
+    gen.add_argument("--mask", default=None, help="with --init-image: inpaint where this image (same size) is white")
+    gen.add_argument("--inpaint-model", default=None, help="with --mask: an inpainting checkpoint of --model's "
+                                                           "family to paint with (default: --model's own weights)")
     gen.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     gen.add_argument("--out", default="generated", help="folder for the PNGs and grid.png")
     gen.set_defaults(func=cmd_generate)
@@ -285,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=["kohya", "diffusers"], help="convert to this LoRA format")
     exp.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="kohya weight precision")
     exp.add_argument("--fuse", action="store_true", help="write the base model with the LoRA fused in")
-    exp.add_argument("--base", help="with --fuse: base model (Hub id, diffusers folder or .safetensors file)")
-    exp.add_argument("--base-config", default=None, help="with --fuse and a single-file base: its config folder")
+    exp.add_argument("--base", help="the model the LoRA was trained on (Hub id, diffusers folder or .safetensors "
+                                    "file): needed with --fuse, and to convert a file that does not name its family "
+                                    "or uses the original U-Net layout (sd-scripts' SDXL files)")
+    exp.add_argument("--base-config", default=None, help="with a single-file --base: its config folder or Hub id")
     exp.add_argument("--scale", type=float, default=1.0, help="with --fuse: LoRA strength")
     exp.add_argument("--out", required=True, help="output .safetensors file, or folder")
     exp.set_defaults(func=cmd_export)

@@ -1,6 +1,7 @@
 """Load the parts of a pretrained latent diffusion pipeline: from the Hub, a local folder or one file."""
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -15,31 +16,31 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
-def describe_source(pretrained: str, allow_pickle: bool = False) -> str:
-    """'file', 'folder' or 'hub': how `pretrained` will be read, or a FinetuneError if it cannot be.
+def describe_source(pretrained: str, allow_pickle: bool = False, key: str = "model.pretrained") -> str:
+    """'file', 'folder' or 'hub': how `pretrained` will be read, or a FinetuneError naming `key` if it cannot be.
 
     Pickle weights (.ckpt, .bin, .pt) can run code when loaded: refused unless `allow_pickle` opts in.
     """
     path = Path(pretrained).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-        raise FinetuneError(f"model.pretrained: {pretrained} is a pickle file, which can run code when loaded; "
+        raise FinetuneError(f"{key}: {pretrained} is a pickle file, which can run code when loaded; "
                             "convert it to .safetensors first (or, for a file you trust, model.allow_pickle=true)")
     if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle else ()):
         return "file"
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise FinetuneError(f"model.pretrained: {pretrained} is a folder without model_index.json; point it at "
+            raise FinetuneError(f"{key}: {pretrained} is a folder without model_index.json; point it at "
                                 "a diffusers pipeline folder (save_pretrained output) or a .safetensors file")
         pickled = [d for d in sorted(path.iterdir()) if d.is_dir() and not any(d.glob("*.safetensors"))
                    and any(f.suffix.lower() in PICKLE_SUFFIXES for f in d.iterdir())]
         if pickled and not allow_pickle:
-            raise FinetuneError(f"model.pretrained: {pickled[0]} has only pickle weights, which can run code when "
+            raise FinetuneError(f"{key}: {pickled[0]} has only pickle weights, which can run code when "
                                 "loaded; convert the folder to .safetensors (or, if you trust it, "
                                 "model.allow_pickle=true)")
         return "folder"
     looks_local = pretrained.startswith((".", "/", "~")) or path.suffix.lower() in SINGLE_FILE_SUFFIXES
     if looks_local or not HUB_ID.match(pretrained):
-        raise FinetuneError(f"model.pretrained: {pretrained} does not exist; give a Hub id, a diffusers folder or a "
+        raise FinetuneError(f"{key}: {pretrained} does not exist; give a Hub id, a diffusers folder or a "
                             ".safetensors file")
     return "hub"
 
@@ -53,7 +54,8 @@ def load_pipeline(model: ModelConfig, pipeline_class: type[DiffusionPipeline] = 
     straight onto the GPU, when the first phase that needs it starts (so encoding never shares the GPU with it).
     """
     source = describe_source(model.pretrained, model.allow_pickle)
-    if pipeline_class is StableDiffusionPipeline:
+    # Every SD 1.x/2.x pipeline (text-to-image, image-to-image, inpainting) takes a safety checker: not loaded.
+    if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
         extra = {"safety_checker": None, "requires_safety_checker": False, **extra}
     if model.quantize_unet != "none":
         check_nf4_possible(model, source)

@@ -22,10 +22,10 @@ CONTEXT_MIB = 700           # nvidia-smi minus torch's reserved peak: 695-855 Mi
 VAE_ENCODE_MIB_512 = 1170   # the fp32 VAE encoder's working memory for one 512 px image
 GENERATE_MIB_512 = 1060     # drawing one class image at 512 px (two U-Net samples with guidance, then the decoder)
 # Activations kept for the backward pass, per sample: (without, with gradient checkpointing, at this many px),
-# bf16 with SDPA; keyed by the U-Net's cross-attention width, which tells the families apart. SD: the SD1.5 probe
+# bf16 with SDPA; keyed by the model family (finetune.family). SD: the SD1.5 probe
 # (benchmarks/probe_step.py). SDXL with checkpointing: the H100 probe (7.04 GiB at batch 2 with 4.78 GiB of
 # weights); without: that plus the 6.8 GB the peer saves by checkpointing at batch 2.
-ACTIVATIONS_MIB = {768: (1250, 372, 512), 1024: (1250, 372, 512), 2048: (4550, 1156, 1024)}
+ACTIVATIONS_MIB = {"sd1": (1250, 372, 512), "sd2": (1250, 372, 512), "sdxl": (4550, 1156, 1024)}
 HALF, FP32 = 2, 4
 
 
@@ -35,7 +35,7 @@ class Architecture:
     unet_linear_params: int
     text_encoder_params: int
     vae_params: int
-    cross_attention_dim: int
+    family: str                                  # sd1, sd2 or sdxl
     target_linear_shapes: list[tuple[int, int]]  # (in, out) of every linear layer that gets LoRA
 
 
@@ -55,12 +55,14 @@ def read_architecture(model_dir: str, unet_targets: str) -> Architecture:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoConfig, AutoModel
 
+    from .family import decide, folder_facts
     from .lora import UNET_TARGETS
 
     root = Path(model_dir)
     if not (root / "unet" / "config.json").is_file():
         raise FinetuneError(f"model.pretrained: {model_dir} is not a diffusers folder with unet/config.json; plan "
                             f"reads the model's configs from a local folder (download the model first)")
+    family = decide(folder_facts(root))
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
@@ -73,7 +75,7 @@ def read_architecture(model_dir: str, unet_targets: str) -> Architecture:
         unet_linear_params=sum(m.weight.numel() for _, m in linears),
         text_encoder_params=sum(p.numel() for e in encoders for p in e.parameters()),
         vae_params=sum(p.numel() for p in vae.parameters()),
-        cross_attention_dim=unet.config.cross_attention_dim,
+        family=family.base,
         target_linear_shapes=[(m.in_features, m.out_features) for name, m in linears if pattern.fullmatch(name)])
 
 
@@ -96,7 +98,7 @@ def estimate(arch: Architecture, train, model, lora, samples_per_step: int, clas
                                   arch.vae_params) * HALF + GENERATE_MIB_512 * pixels * batch * MIB)
     encoders = arch.text_encoder_params * weight_bytes
     phases["encoding"] = unet + encoders + arch.vae_params * FP32 + VAE_ENCODE_MIB_512 * pixels * MIB
-    without, with_checkpointing, reference_px = ACTIVATIONS_MIB.get(arch.cross_attention_dim, ACTIVATIONS_MIB[768])
+    without, with_checkpointing, reference_px = ACTIVATIONS_MIB[arch.family]
     per_sample = with_checkpointing if train.gradient_checkpointing else without
     activations = per_sample * (train.resolution / reference_px) ** 2 * samples_per_step * MIB
     lora_params = sum(lora.rank * (i + o) for i, o in arch.target_linear_shapes)

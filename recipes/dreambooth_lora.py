@@ -17,6 +17,7 @@ import torch
 from finetune.config import DreamBoothConfig
 from finetune.evaluation.during_training import validation_scorer
 from finetune.export.lora_weights import load_into_models, read_lora
+from finetune.family import require_family
 from finetune.models import ensure_unet, load_pipeline, training_scheduler
 from finetune.training.conditioning import SD, ModelKind
 from finetune.training.distributed import ensure_class_images
@@ -53,6 +54,7 @@ def main(cfg: Config) -> Result:
 
 
 def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
+    require_family(cfg.model, recipe)  # another family's model: one line naming the recipe that trains it
     run = start_run(cfg, recipe)  # every input checked, the output folder claimed, photos screened (and bucketed)
     phase = run.phases  # each phase prints its time (and GPU peak); they never share the GPU
     with phase("loading weights"):
@@ -78,7 +80,8 @@ def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
         ensure_unet(pipe, cfg.model, run.dtype)
         lora_models = add_lora(pipe, kind, cfg.lora, cfg.train, run)
         if cfg.lora.init_from:
-            load_into_models(read_lora(cfg.lora.init_from), lora_models, cfg.lora.init_from)
+            load_into_models(read_lora(cfg.lora.init_from, pipe.unet.config), lora_models,
+                             cfg.lora.init_from)
         # Optimizer, schedule (in optimizer steps, whatever the process count), Accelerate's wrapping, the
         # resumed state.
         training = prepare_training(cfg, run, lora_models, recipe)

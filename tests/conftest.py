@@ -65,3 +65,29 @@ def run_cli(capsys):
 def tiny_sdxl(tmp_path_factory) -> Path:
     from finetune.tiny import build_tiny_sdxl
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def trained_sd1(tiny_sd1, tmp_path_factory) -> Path:
+    """An SD 1.x run folder (2 steps; rank 2, alpha 6, text-encoder LoRA) with its diffusers and kohya files."""
+    from finetune.cli import main
+    from finetune.demo import prepare_photos
+    from tests.helpers import SD15, TRAINED_SD1, tiny_overrides
+    root = tmp_path_factory.mktemp("trained-sd1")
+    prepare_photos(root / "photos")
+    assert main(["train", SD15, *tiny_overrides(tiny_sd1, root / "photos", root, **TRAINED_SD1)]) == 0
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def trained_sdxl(tiny_sdxl, tmp_path_factory) -> Path:
+    """An SDXL run folder (2 steps; rank 2, alpha 4, LoRA on both text encoders) with its diffusers and kohya
+    files."""
+    from finetune.cli import main
+    from finetune.demo import prepare_photos
+    from tests.helpers import SDXL, TRAINED_SDXL, sdxl_overrides
+    root = tmp_path_factory.mktemp("trained-sdxl")
+    prepare_photos(root / "photos")
+    assert main(["train", SDXL, *sdxl_overrides(tiny_sdxl, root / "photos", root, **TRAINED_SDXL)]) == 0
+    return root / "run"
+

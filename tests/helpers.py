@@ -5,7 +5,13 @@ from pathlib import Path
 
 from PIL import Image
 
+SD15 = "recipes/configs/sd15_dreambooth_lora.yaml"
 SDXL = "recipes/configs/sdxl_dreambooth_lora.yaml"
+# The shared trained runs (conftest.py: trained_sd1, trained_sdxl): alpha != rank, so a reader that drops alpha shows.
+TRAINED_SD1 = {"prior.num_class_images": 0, "lora.rank": 2, "lora.alpha": 6, "lora.text_encoder": "true",
+               "train.max_steps": 2, "export.kohya": "true", "train.learning_rate": 5e-2}
+TRAINED_SDXL = {"lora.rank": 2, "lora.alpha": 4, "lora.text_encoder": "true", "train.max_steps": 2,
+                "train.batch_size": 1, "train.learning_rate": 5e-2}
 
 
 def tiny_overrides(model: Path, photos: Path, out: Path, **extra) -> list[str]:
@@ -56,3 +62,31 @@ def objective(unet_call, scheduler, latents, prompts, examples, prior_weight: fl
                            train=TrainConfig(seed=seed))
     return DreamBoothObjective(unet_call, scheduler, latents, sdxl_conditioning if sdxl else sd_conditioning,
                                examples, cfg, "cpu")
+
+
+def random_lora(base: Path, out: Path, seed: int = 0, text_encoder: bool = True) -> Path:
+    """A LoRA file as finetune exports it (rank 2, alpha 4, all attention), with random up-weights, so that it
+    changes every output of the model at `base`: a stand-in for a trained LoRA where training is not the point."""
+    import torch
+
+    from finetune.config import LoraConfig
+    from finetune.export.diffusers_format import save_diffusers_lora
+    from finetune.family import resolve_family
+    from finetune.lora import add_text_encoder_lora, add_unet_lora
+
+    family = resolve_family(str(base))
+    pipe = family.pipeline_class().from_pretrained(base)
+    lora = LoraConfig(rank=2, alpha=4.0, unet_targets="all_attention", text_encoder=text_encoder)
+    add_unet_lora(pipe.unet, lora)
+    encoders = {name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2")
+                if text_encoder and getattr(pipe, name, None) is not None}
+    for encoder in encoders.values():
+        add_text_encoder_lora(encoder, lora)
+    g = torch.Generator().manual_seed(seed)
+    for model in [pipe.unet, *encoders.values()]:
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data = torch.randn(param.shape, generator=g) * 0.2
+    return save_diffusers_lora(out, type(pipe), pipe.unet, encoders,
+                               {"family": family.name, "base_model": str(base), "trigger": "sks"})
+

@@ -22,3 +22,20 @@ def test_train_from_python_then_generate_with_plain_diffusers(tiny_sd1, photos, 
     run_example("generate_with_lora.py", [tiny_sd1, tmp_path / "run", "a photo of sks dog", tmp_path / "x.png"],
                 monkeypatch)
     assert Image.open(tmp_path / "x.png").size == (64, 64)
+
+
+def test_edit_with_lora_draws_moves_and_places_the_subject(tiny_sd1, trained_sd1, tmp_path, monkeypatch, capsys):
+    import numpy as np
+    photo = Image.effect_mandelbrot((64, 64), (-2.0, -1.5, 1.0, 1.5), 60).convert("RGB")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 24, 40, 56))
+    photo.save(tmp_path / "photo.png")
+    mask.save(tmp_path / "mask.png")
+    run_example("edit_with_lora.py", [tiny_sd1, trained_sd1, tmp_path / "photo.png", tmp_path / "mask.png",
+                                      "a photo of sks dog", tmp_path / "out", 4], monkeypatch)
+    assert "wrote drawn.png, moved.png, placed.png" in capsys.readouterr().out
+    drawn, moved, placed = (np.asarray(Image.open(tmp_path / "out" / f"{n}.png"), dtype=float)
+                            for n in ("drawn", "moved", "placed"))
+    assert drawn.shape == moved.shape == placed.shape == (64, 64, 3)
+    inside, original = np.asarray(mask) > 0, np.asarray(photo, dtype=float)
+    assert np.abs(placed - original)[~inside].max() == 0 and np.abs(placed - original)[inside].mean() > 5

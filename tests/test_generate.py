@@ -1,10 +1,14 @@
-"""`finetune generate`: base model + LoRAs -> PNGs and a grid."""
+"""`finetune generate`: base model + LoRAs -> PNGs and a grid, on every model family."""
+import pytest
 import torch
+from diffusers import DDIMScheduler
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from finetune.export.diffusers_format import read_header
+from finetune.family import resolve_family
 from finetune.inference import parse_lora_arg
-from tests.helpers import tiny_overrides
+from tests.helpers import random_lora
 
 
 def test_parse_lora_arg(tmp_path):
@@ -15,16 +19,12 @@ def test_parse_lora_arg(tmp_path):
     assert parse_lora_arg(str(odd)) == (str(odd), 1.0)
 
 
-def test_generate_writes_images_and_grid_and_lora_changes_them(tiny_sd1, photos, tmp_path, run_cli):
-    code, _, err = run_cli("train", "recipes/configs/sd15_dreambooth_lora.yaml",
-                           *tiny_overrides(tiny_sd1, photos, tmp_path, **{"prior.num_class_images": 0,
-                                                                          "train.learning_rate": 1e-2}))
-    assert code == 0, err
+def test_generate_writes_images_and_grid_and_lora_changes_them(tiny_sd1, trained_sd1, tmp_path, run_cli):
     common = ["generate", "--model", tiny_sd1, "--prompt", "a photo of sks dog", "--prompt", "a dog",
               "--num-images", 2, "--steps", 3, "--resolution", 64, "--scheduler", "euler"]
     code, out, err = run_cli(*common, "--out", tmp_path / "base")
     assert code == 0, err
-    code, out, err = run_cli(*common, "--lora", f"{tmp_path / 'run'}:0.8", "--out", tmp_path / "lora")
+    code, out, err = run_cli(*common, "--lora", f"{trained_sd1}:0.8", "--out", tmp_path / "lora")
     assert code == 0, err
     assert "wrote 4 images" in out
     names = sorted(p.name for p in (tmp_path / "lora").iterdir())
@@ -38,24 +38,43 @@ def test_generate_writes_images_and_grid_and_lora_changes_them(tiny_sd1, photos,
     assert Image.open(tmp_path / "base2" / "0000.png").tobytes() == Image.open(tmp_path / "base" / "0000.png").tobytes()
 
 
-def test_two_loras_combine_with_their_scales(tiny_sd1, photos, tmp_path, run_cli):
-    code, _, err = run_cli("train", "recipes/configs/sd15_dreambooth_lora.yaml",
-                           *tiny_overrides(tiny_sd1, photos, tmp_path, **{"prior.num_class_images": 0}))
-    assert code == 0, err
+def pixels(path) -> torch.Tensor:
+    return torch.tensor(list(Image.open(path).tobytes()), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("model", ["tiny_sd1", "tiny_sd2", "tiny_sdxl"])
+def test_one_and_two_loras_on_every_family(model, request, tmp_path, run_cli):
+    """SD 1.x, SD 2.x (v-prediction) and SDXL (both text encoders): two LoRAs combine with their scales, and one
+    LoRA draws what diffusers' own pipeline for the family draws with that file."""
+    base = request.getfixturevalue(model)
+    if model == "tiny_sd1":
+        first = request.getfixturevalue("trained_sd1") / "pytorch_lora_weights.safetensors"
+    else:
+        first = random_lora(base, tmp_path / "first")
     # A second LoRA with the same keys, twice as strong, stands in for another subject.
-    first = tmp_path / "run" / "pytorch_lora_weights.safetensors"
     second = tmp_path / "double.safetensors"
-    from finetune.export.diffusers_format import read_header
-    save_file({k: v * 2 if "lora_B" in k else v for k, v in load_file(first).items()}, second,
-              metadata=read_header(first))
-    common = ["generate", "--model", tiny_sd1, "--prompt", "a dog", "--num-images", 1, "--steps", 2,
-              "--resolution", 64, "--scheduler", "ddim"]
-    run_cli(*common, "--lora", f"{first}:0.5", "--lora", f"{second}:0.25", "--out", tmp_path / "pair")
-    run_cli(*common, "--lora", f"{first}:1.0", "--out", tmp_path / "single")
-    pair = Image.open(tmp_path / "pair" / "0000.png").tobytes()
-    single = Image.open(tmp_path / "single" / "0000.png").tobytes()
-    diff = sum(abs(a - b) for a, b in zip(pair, single)) / len(pair)
-    assert diff < 1.0  # 0.5 x W + 0.25 x 2W = 1.0 x W, up to 8-bit rounding
+    ups = {k for k in load_file(first) if "lora_B" in k or ".up." in k}  # the up-projections, in either spelling
+    assert len(ups) == len(load_file(first)) // 2
+    save_file({k: v * 2 if k in ups else v for k, v in load_file(first).items()}, second, metadata=read_header(first))
+    common = ["generate", "--model", base, "--prompt", "a dog", "--num-images", 1, "--steps", 2, "--scheduler", "ddim"]
+    for name, loras in [("base", []), ("pair", ["--lora", f"{first}:0.5", "--lora", f"{second}:0.25"]),
+                        ("single", ["--lora", f"{first}:1.0"])]:
+        code, _, err = run_cli(*common, *loras, "--out", tmp_path / name)
+        assert code == 0, err
+    pair, single, plain = (pixels(tmp_path / name / "0000.png") for name in ("pair", "single", "base"))
+    assert (pair - single).abs().mean() < 1.0  # 0.5 x W + 0.25 x 2W = 1.0 x W, up to 8-bit rounding
+    assert (single - plain).abs().mean() > 1.0
+    assert Image.open(tmp_path / "single" / "0000.png").size == (64, 64)  # the model's own size (tiny: 64 px)
+
+    # The oracle: diffusers' pipeline for the family, its sampler built from the model's scheduler config (so
+    # SD 2.x stays v-prediction), the file loaded by diffusers itself.
+    pipe = resolve_family(str(base)).pipeline_class().from_pretrained(base)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(first, adapter_name="x")
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(["a dog"], num_inference_steps=2, guidance_scale=7.5,
+                generator=[torch.Generator("cpu").manual_seed(0)]).images[0]
+    assert (single - torch.tensor(list(want.tobytes()), dtype=torch.float32)).abs().max() <= 1
 
 
 def test_missing_lora_is_one_line(tiny_sd1, tmp_path, run_cli):

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 
+from ..config import ModelConfig
 from ..errors import FinetuneError
+from ..family import decide, model_facts
 from .diffusers_format import METADATA_PREFIX, WEIGHT_NAME, save_diffusers_layers
 from .kohya import save_kohya_lora
 from .lora_weights import LoraWeights, read_lora
@@ -28,12 +28,13 @@ def export_kohya(weights: LoraWeights, path: str | Path, info: dict, precision: 
 
 def export_diffusers(weights: LoraWeights, path: str | Path, info: dict) -> Path:
     """A diffusers file from any LoraWeights (for a LoRA trained here, save_diffusers_lora writes it directly)."""
-    pipeline_class = StableDiffusionXLPipeline if weights.is_sdxl else StableDiffusionPipeline
+    if weights.family is None:
+        raise FinetuneError(f"{path}: the LoRA's model family is not known; give --base MODEL")
     layers = {name: convert_state_dict_to_diffusers(part) for name, part in weights.layers.items()}
     adapters = {name: {"r": weights.rank(name), "lora_alpha": weights.alpha[name],
                        "target_modules": weights.modules(name), "use_dora": False, "lora_bias": False}
                 for name in weights.layers}
-    return save_diffusers_layers(path, pipeline_class, layers, adapters, info)
+    return save_diffusers_layers(path, weights.family.pipeline_class(), layers, adapters, info)
 
 
 def header_info(weights: LoraWeights) -> dict:
@@ -42,18 +43,38 @@ def header_info(weights: LoraWeights) -> dict:
             if k.startswith(METADATA_PREFIX) and k != METADATA_PREFIX + "version"}
 
 
-def convert_lora(src: str | Path, fmt: str, out: str | Path, precision: str = "fp16") -> Path:
+def read_for_conversion(src: str | Path, base: ModelConfig | None) -> LoraWeights:
+    """The LoRA with its family known: from `base` (its configs; its U-Net config also maps original-layout
+    blocks), else from the file itself; a file that shows neither, or contradicts `base`, is an error."""
+    facts = model_facts(base, "--base") if base else None
+    family = decide(facts, "--base") if facts else None
+    weights = read_lora(src, facts.unet_config if facts else None)
+    if base and family and weights.family and weights.family.base != family.base:
+        raise FinetuneError(f"{src} is a LoRA for {weights.family.label}, but --base {base.pretrained} is "
+                            f"{family.label}; give the model it was trained on")
+    weights.family = family or weights.family
+    if weights.family is None:
+        raise FinetuneError(f"{src}: the file does not say which model it was trained on (no finetune.family or "
+                            "ss_base_model_version header, layer widths of no released model); give --base MODEL")
+    return weights
+
+
+def convert_lora(src: str | Path, fmt: str, out: str | Path, precision: str = "fp16",
+                 base: ModelConfig | None = None) -> Path:
     """Convert a LoRA file (or a run folder's diffusers file) to `fmt`; `out` is a .safetensors path or a
     folder (diffusers format: folder/pytorch_lora_weights.safetensors, which load_lora_weights(folder) finds)."""
     if fmt not in FORMATS:
         raise FinetuneError(f"--format {fmt}: choose kohya or diffusers")
-    weights = read_lora(src)
+    out = Path(out)
+    if fmt == "kohya" and out.suffix != ".safetensors":
+        raise FinetuneError(f"--out {out}: a kohya LoRA is one file; give a path ending in .safetensors")
+    weights = read_for_conversion(src, base)
+    family = weights.family
+    assert family is not None  # read_for_conversion refuses a LoRA whose family it cannot tell
     info = header_info(weights)
+    info.update(family=family.name, prediction_type=family.prediction_type)
     if weights.source_format == "kohya" and "trigger" not in info:
         info["trigger"] = weights.header.get("modelspec.trigger_phrase", "")
-    out = Path(out)
     if fmt == "kohya":
-        if out.suffix != ".safetensors":
-            raise FinetuneError(f"--out {out}: a kohya LoRA is one file; give a path ending in .safetensors")
         return export_kohya(weights, out, info, precision)
     return export_diffusers(weights, out if out.suffix == ".safetensors" else out / WEIGHT_NAME, info)

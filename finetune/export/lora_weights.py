@@ -1,25 +1,49 @@
-"""LoRA weights of a pipeline, read from either file format, held in peft's key format per component.
+"""LoRA weights of a pipeline, read from any common file layout, held in peft's key format per component.
 
-One in-memory shape (component -> {module.lora_A.weight: tensor}, plus alpha) sits between the two file
-formats, so converting, continuing training and fusing all read files the same way.
+One in-memory shape (component -> {module.lora_A.weight: tensor}, plus alpha) sits between the file layouts, so
+converting, continuing training, generating and fusing all read files the same way. Layouts read:
+- diffusers files (`unet.` / `text_encoder.` / `text_encoder_2.` keys): ours, and the diffusers example scripts'
+  (peft's lora_A/lora_B, or the older lora.down / lora_linear_layer / attention-processor spellings);
+- kohya files (`lora_unet_` / `lora_te_` / `lora_te1_` / `lora_te2_`): ours and sd-scripts', with diffusers-style
+  U-Net names (SD 1.x/2.x) or the original layout's (input_blocks_4_1_..., as sd-scripts writes SDXL LoRAs).
+Kohya names are converted by diffusers' own reader (`lora_state_dict`), one module at a time, so that a key it
+cannot place is named in the error instead of being dropped: a file is read whole or not at all.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+from diffusers.utils.state_dict_utils import StateDictType
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import FinetuneError
+from ..family import Family, family_of_lora
 from ..lora import load_lora_state, lora_config, lora_state
 from .diffusers_format import WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
 from .diffusers_format import read_header
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+ORIGINAL_LAYOUT = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
+LYCORIS = {".hada_": "LoHa", ".lokr_": "LoKr"}  # key pieces of LyCORIS' other decompositions
+# The module paths a LoRA layer can sit on: U-Net attention, feed-forward, resnet and embedding layers, and CLIP's
+# attention and MLP projections. A converted name outside these is a key that was not understood.
+UNET_MODULE = re.compile(
+    r"((down_blocks|up_blocks)\.\d+|mid_block)\.("
+    r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+    r"|ff\.net\.0\.proj|ff\.net\.2))|resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)"
+    r"|(down|up)samplers\.0\.conv)"
+    r"|conv_in|conv_out|time_embedding\.linear_[12]|add_embedding\.linear_[12]")
+TEXT_MODULE = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
 
 
 @dataclasses.dataclass
@@ -28,6 +52,7 @@ class LoraWeights:
     alpha: dict[str, float]                      # component -> LoRA alpha (the update is scaled by alpha / rank)
     header: dict[str, str]                       # the file's safetensors metadata
     source_format: str                           # "diffusers" or "kohya"
+    family: Family | None = None                 # the base model's family, where known (finetune.family resolves it)
 
     def rank(self, component: str) -> int:
         ranks = {v.shape[0] for k, v in self.layers[component].items() if k.endswith("lora_A.weight")}
@@ -41,8 +66,9 @@ class LoraWeights:
 
     @property
     def is_sdxl(self) -> bool:
-        family = self.header.get("finetune.family") or self.header.get("ss_base_model_version", "")
-        return "text_encoder_2" in self.layers or "sdxl" in family
+        """For naming text-encoder layers (lora_te1_/lora_te2_): SDXL's family, or a second encoder's layers (a
+        LoRA without text-encoder layers names none, so the family does not matter there)."""
+        return self.family.is_sdxl if self.family else "text_encoder_2" in self.layers
 
 
 def lora_file(path: str | Path) -> Path:
@@ -56,48 +82,159 @@ def lora_file(path: str | Path) -> Path:
     return path
 
 
-def read_lora(path: str | Path) -> LoraWeights:
-    """Read a diffusers-format or kohya-format LoRA file (or a folder holding the diffusers file)."""
+def read_lora(path: str | Path, unet_config=None, family: Family | None = None) -> LoraWeights:
+    """Read a LoRA file in any layout above (or a folder holding our diffusers file).
+
+    `unet_config` (the base model's) maps original-layout U-Net blocks; `family` is the base model's, where the
+    caller knows it (otherwise the file's own layers and header tell, or it stays None)."""
     path = lora_file(path)
     try:
         tensors, header = load_file(path), read_header(path)
     except (SafetensorError, OSError) as exc:
         raise FinetuneError(f"{path}: not a readable .safetensors file ({exc})") from None
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in tensors):
-        from .kohya import kohya_to_peft
-        layers, alpha = kohya_to_peft(tensors, path)
-        return LoraWeights(layers, alpha, header, "kohya")
-    if any(k.split(".", 1)[0] in COMPONENTS for k in tensors):
-        return _from_diffusers(tensors, header, path)
-    raise FinetuneError(f"{path}: neither a diffusers LoRA (unet./text_encoder. keys) nor a kohya LoRA "
-                        "(lora_unet_/lora_te_ keys)")
-
-
-def _from_diffusers(tensors: dict, header: dict, path: Path) -> LoraWeights:
-    adapter = json.loads(header.get("lora_adapter_metadata", "{}"))
-    layers, alpha = {}, {}
-    for component in COMPONENTS:
-        part = {k[len(component) + 1:]: v for k, v in tensors.items() if k.startswith(component + ".")}
-        if not part:
-            continue
-        if not any(".lora_A." in k for k in part):  # diffusers' older lora.down / lora_linear_layer spellings
-            part = convert_unet_state_dict_to_peft(part) if component == "unet" else convert_state_dict_to_peft(part)
-        layers[component] = canonical(component, part)
-    weights = LoraWeights(layers, alpha, header, "diffusers")
+    for piece, kind in LYCORIS.items():
+        if any(piece in key for key in tensors):
+            example = next(key for key in tensors if piece in key)
+            raise FinetuneError(f"{path}: a LyCORIS {kind} file (e.g. {example}); finetune reads plain LoRA files "
+                                "only (diffusers' load_lora_weights reads some LyCORIS files directly)")
+    if any(key.startswith(KOHYA_PREFIXES) for key in tensors):
+        (layers, alpha), source_format = _from_kohya(tensors, path, unet_config), "kohya"
+    elif any(key.split(".", 1)[0] in COMPONENTS for key in tensors):
+        (layers, alpha), source_format = _from_diffusers(tensors, header, path), "diffusers"
+    else:
+        raise FinetuneError(f"{path}: neither a diffusers LoRA (unet./text_encoder. keys) nor a kohya LoRA "
+                            f"(lora_unet_/lora_te_ keys); its keys start {', '.join(sorted(tensors)[:3])}")
+    weights = LoraWeights(layers, alpha, header, source_format)
     for component in layers:
-        # Without stored metadata diffusers loads alpha = rank; so do we.
-        weights.alpha[component] = float(adapter.get(f"{component}.lora_alpha", weights.rank(component)))
-    unknown = [k for k in tensors if k.split(".", 1)[0] not in COMPONENTS]
-    if unknown:
-        raise FinetuneError(f"{path}: keys outside unet/text_encoder/text_encoder_2, e.g. {unknown[0]}")
+        weights.rank(component)  # one rank per part, checked now rather than at first use
+    weights.family = family or family_of_lora(layers, header)
     return weights
 
 
-def weights_from_models(models: dict, header: dict | None = None) -> LoraWeights:
+def _from_kohya(tensors: dict, path: Path, unet_config) -> tuple[dict, dict]:
+    unknown = [k for k in tensors if not k.startswith(KOHYA_PREFIXES) or k.partition(".")[2] not in KOHYA_PARTS]
+    if unknown:
+        raise not_understood(path, unknown)
+    if unet_config is None and any(ORIGINAL_LAYOUT.match(k) for k in tensors):
+        raise FinetuneError(f"{path}: its U-Net keys use the original layout (e.g. "
+                            f"{next(k for k in sorted(tensors) if ORIGINAL_LAYOUT.match(k))}), which only the base "
+                            "model's U-Net config maps; give the base model (export: --base MODEL)")
+    if unet_config is not None and not hasattr(unet_config, "layers_per_block"):
+        unet_config = FrozenDict(unet_config)  # diffusers reads the config by attribute
+    groups: dict[str, dict] = {}
+    for key, value in tensors.items():
+        groups.setdefault(key.partition(".")[0], {})[key] = value
+    layers: dict[str, dict] = {}
+    alphas: dict[str, dict[str, float]] = {}
+    failed: list[str] = []
+    for _, group in sorted(groups.items()):
+        converted = _convert_kohya_module(group, unet_config)
+        if converted is None:
+            failed += sorted(group)
+            continue
+        component, module, weights, alpha = converted
+        layers.setdefault(component, {}).update(weights)
+        if alpha is not None:
+            alphas.setdefault(component, {})[module] = alpha
+    if failed:
+        raise not_understood(path, failed)
+    return layers, {component: _one_alpha(path, component, layers[component], alphas.get(component, {}))
+                    for component in layers}
+
+
+def _convert_kohya_module(group: dict, unet_config):
+    """(component, module, peft weights, alpha or None) for one kohya module's tensors, through diffusers' reader;
+    None when diffusers cannot place it or places it outside the layers a LoRA sits on."""
+    try:
+        state, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(group), unet_config=unet_config)
+    except (ValueError, KeyError, IndexError):
+        return None
+    if not state:
+        return None
+    component = next(iter(state)).split(".", 1)[0]
+    part = {k.split(".", 1)[1]: v.float() for k, v in state.items()}
+    peft = _to_peft(component, part)
+    module = _single_module(component, peft)
+    if module is None or any(not k.startswith(component + ".") for k in state):
+        return None
+    return component, module, peft, (next(iter(alphas.values())) if alphas else None)
+
+
+def _to_peft(component: str, part: dict) -> dict:
+    """diffusers' layouts (lora.down, lora_linear_layer, attention processors' to_q_lora) -> peft's lora_A / lora_B.
+
+    Each key is converted by its own spelling: diffusers' converters infer one spelling for a whole dict, and a
+    text encoder's attention and MLP layers come out of its kohya reader spelled differently."""
+    out = {}
+    for key, value in part.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            out[key] = value
+        elif component == "unet" or not ("_lora." in key or "lora_linear_layer" in key):
+            out.update(convert_unet_state_dict_to_peft({key: value}))  # also maps .lora.down -> .lora_A
+        else:
+            spelling = StateDictType.DIFFUSERS_OLD if "_lora." in key else StateDictType.DIFFUSERS
+            out.update(convert_state_dict_to_peft({key: value}, spelling))
+    return canonical(component, out)
+
+
+def _single_module(component: str, peft: dict) -> str | None:
+    """The one module a converted group holds, if its keys are exactly that module's lora_A/lora_B weights."""
+    modules = {k.rsplit(".lora_", 1)[0] for k in peft}
+    if len(modules) != 1:
+        return None
+    module = modules.pop()
+    pattern = UNET_MODULE if component == "unet" else TEXT_MODULE
+    if not pattern.fullmatch(module) or set(peft) != {f"{module}.lora_A.weight", f"{module}.lora_B.weight"}:
+        return None
+    return module
+
+
+def _one_alpha(path: Path, component: str, layers: dict, alphas: dict) -> float:
+    found = set(alphas.values())
+    if len(found) > 1:
+        raise FinetuneError(f"{path}: {component} layers have different alphas {sorted(found)}; finetune handles "
+                            "one alpha per model part")
+    if found:
+        return float(found.pop())
+    return float(next(v.shape[0] for k, v in layers.items() if k.endswith("lora_A.weight")))  # no alpha: = rank
+
+
+def _from_diffusers(tensors: dict, header: dict, path: Path) -> tuple[dict, dict]:
+    unknown = [k for k in tensors if k.split(".", 1)[0] not in COMPONENTS]
+    if unknown:
+        raise not_understood(path, unknown)
+    adapter = json.loads(header.get("lora_adapter_metadata", "{}"))
+    layers, failed = {}, []
+    for component in COMPONENTS:
+        part = {k[len(component) + 1:]: v.float() for k, v in tensors.items() if k.startswith(component + ".")}
+        if not part:
+            continue
+        peft = _to_peft(component, part)
+        pattern = UNET_MODULE if component == "unet" else TEXT_MODULE
+        wrong = [k for k in peft if not re.fullmatch(r"(.+)\.lora_[AB]\.weight", k)
+                 or not pattern.fullmatch(k.rsplit(".lora_", 1)[0])]
+        if wrong or len(peft) != len(part):
+            failed += [f"{component}.{k}" for k in (wrong or part)]
+        layers[component] = peft
+    if failed:
+        raise not_understood(path, failed)
+    # Without stored metadata diffusers loads alpha = rank; so do we.
+    alpha = {component: float(adapter.get(f"{component}.lora_alpha", _one_alpha(path, component, part, {})))
+             for component, part in layers.items()}
+    return layers, alpha
+
+
+def not_understood(path: Path, keys: list[str]) -> FinetuneError:
+    return FinetuneError(f"{path}: {len(keys)} key(s) are not LoRA layers finetune understands, e.g. "
+                         f"{', '.join(sorted(keys)[:3])}; nothing was imported (LoCon/DoRA/LyCORIS files are not "
+                         "supported)")
+
+
+def weights_from_models(models: dict, family: Family | None = None) -> LoraWeights:
     """The LoRA weights of peft-injected models, e.g. {'unet': unet, 'text_encoder': text_encoder}."""
     return LoraWeights({name: canonical(name, lora_state(model)) for name, model in models.items()},
                        {name: float(lora_config(model).lora_alpha) for name, model in models.items()},
-                       dict(header or {}), "diffusers")
+                       {}, "diffusers", family)
 
 
 def load_into_models(weights: LoraWeights, models: dict, path: str | Path) -> None:
@@ -115,14 +252,42 @@ def load_into_models(weights: LoraWeights, models: dict, path: str | Path) -> No
             raise FinetuneError(f"lora.init_from: {path} has alpha {weights.alpha[name]:g} on {name}; set "
                                 f"lora.alpha={weights.alpha[name]:g}")
         state = lora_state(model)
-        ours = sorted(k[:-len(".lora_A.weight")] for k in canonical(name, state) if k.endswith(".lora_A.weight"))
-        if ours != weights.modules(name):
-            extra = sorted(set(weights.modules(name)) - set(ours)) or sorted(set(ours) - set(weights.modules(name)))
+        ours = canonical(name, state)
+        modules = sorted(k[:-len(".lora_A.weight")] for k in ours if k.endswith(".lora_A.weight"))
+        if modules != weights.modules(name):
+            theirs = set(weights.modules(name))
+            extra = sorted(theirs - set(modules)) or sorted(set(modules) - theirs)
             raise FinetuneError(f"lora.init_from: {path} puts LoRA on other {name} layers than lora.unet_targets "
                                 f"does (differs at {extra[0]}); choose the preset the file was trained with")
+        wrong = [k for k, v in weights.layers[name].items() if v.shape != ours[k].shape]
+        if wrong:
+            raise FinetuneError(f"lora.init_from: {path} does not fit this model's {name} ({wrong[0]} is "
+                                f"{tuple(weights.layers[name][wrong[0]].shape)}, the model's "
+                                f"{tuple(ours[wrong[0]].shape)}): was it trained on another base model?")
         bare = not any(k.startswith("text_model.") for k in state)
         load_lora_state(model, {k.removeprefix("text_model.") if bare else k: v
                                 for k, v in weights.layers[name].items()})
+
+
+def fit_to_models(weights: LoraWeights, models: dict) -> tuple[LoraWeights, list[str]]:
+    """The part of `weights` whose layers exist in `models` (component -> module) with the same shapes, and the
+    names of the layers that do not (a LoRA trained on a base model, loaded into its inpainting variant)."""
+    layers: dict[str, dict] = {}
+    unfit: list[str] = []
+    for component, part in weights.layers.items():
+        model = models.get(component)
+        found = dict(model.named_modules()) if model is not None else {}
+        for module in weights.modules(component):
+            target = found.get(module, found.get(module.removeprefix("text_model.")))
+            down, up = part[f"{module}.lora_A.weight"], part[f"{module}.lora_B.weight"]
+            weight = getattr(target, "weight", None)
+            if weight is None or weight.shape[1] != down.shape[1] or weight.shape[0] != up.shape[0]:
+                unfit.append(f"{component}.{module}")
+                continue
+            layers.setdefault(component, {}).update({f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up})
+    fitting = LoraWeights(layers, {c: weights.alpha[c] for c in layers}, weights.header, weights.source_format,
+                          weights.family)
+    return fitting, unfit
 
 
 def canonical(component: str, layers: dict) -> dict:

@@ -1,48 +1,47 @@
 """A full model with a LoRA fused in: a diffusers folder, or one original-layout .safetensors checkpoint."""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
-from ..errors import FinetuneError
+from ..family import resolve_family
 from ..models import load_pipeline
-from .lora_weights import lora_file
+from .metadata import FAMILIES
+from .pipeline_lora import load_lora
 from .single_file import ldm_state_dict
 
 
-def pipeline_class_of(base: str):
-    """SDXL or SD: from a diffusers folder's model_index.json (a Hub id or single file is taken as SD)."""
-    index = Path(base) / "model_index.json"
-    if index.is_file() and "XL" in json.loads(index.read_text()).get("_class_name", ""):
-        return StableDiffusionXLPipeline
-    return StableDiffusionPipeline
-
-
 def fuse_lora_into(base: ModelConfig, lora: str | Path, scale: float, out: str | Path) -> Path:
-    """Load the base model, fuse the LoRA (either format) at `scale`, and save the plain model to `out`:
-    a folder (save_pretrained) or, when `out` ends in .safetensors, a single SD 1.x checkpoint."""
+    """Load the base model (any supported family), fuse the LoRA (any layout) at `scale`, and save the plain
+    model to `out`: a folder (save_pretrained) or, when `out` ends in .safetensors, one checkpoint in the
+    original layout the UIs load (SD 1.x, SD 2.x and SDXL alike)."""
     out = Path(out)
-    pipe = load_pipeline(base, pipeline_class_of(base.pretrained))
-    try:
-        pipe.load_lora_weights(str(lora_file(lora)), adapter_name="fused")
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise FinetuneError(f"{lora}: could not be loaded onto {base.pretrained} ({str(exc).splitlines()[0][:200]})") from None
+    family = resolve_family(base, "--base")
+    pipe: Any = load_pipeline(base, family.pipeline_class("inpaint" if family.inpainting else "text2img"))
+    load_lora(pipe, lora, "fused", family, key="export")
     pipe.fuse_lora(lora_scale=scale, adapter_names=["fused"])
     pipe.unload_lora_weights()  # drop the adapter modules; the fused base weights stay
-    if out.suffix == ".safetensors":
-        state = ldm_state_dict(pipe)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        handle, scratch = tempfile.mkstemp(dir=out.parent, prefix=".fused-", suffix=".safetensors")
-        os.close(handle)
-        save_file(state, scratch, metadata={"format": "pt", "finetune.lora": str(lora), "finetune.scale": str(scale),
-                                            "finetune.base_model": base.pretrained})
-        os.replace(scratch, out)
-    else:
+    if out.suffix != ".safetensors":
         pipe.save_pretrained(out, safe_serialization=True)
+        return out
+    state = ldm_state_dict(pipe, family)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(dir=out.parent, prefix=".fused-", suffix=".safetensors")
+    os.close(handle)
+    # modelspec.* say what the file is (its architecture and prediction type, which the weights do not show)
+    header = {"format": "pt", "finetune.lora": str(lora), "finetune.scale": str(scale),
+              "finetune.base_model": base.pretrained, "finetune.family": family.name,
+              "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": FAMILIES[family.name][1],
+              "modelspec.prediction_type": "v" if family.prediction_type == "v_prediction" else "epsilon"}
+    try:
+        save_file(state, scratch, metadata=header)
+        os.replace(scratch, out)
+    finally:
+        if os.path.exists(scratch):
+            os.remove(scratch)
     return out

@@ -10,23 +10,15 @@ import datetime
 import json
 from collections import Counter
 
-# family -> (ss_base_model_version, modelspec.architecture prefix, modelspec.implementation)
+from ..family import Family
+
+# family name -> (ss_base_model_version, modelspec.architecture prefix, modelspec.implementation)
 FAMILIES = {
     "sd1": ("sd_v1", "stable-diffusion-v1", "diffusers"),
     "sd2": ("sd_v2", "stable-diffusion-v2-512", "diffusers"),
     "sd2-v": ("sd_v2", "stable-diffusion-v2-768-v", "diffusers"),
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models"),
 }
-
-
-def model_family(unet_config, prediction_type: str = "epsilon") -> str:
-    """sd1, sd2, sd2-v or sdxl, from the U-Net's shape: SDXL's extra size/crop conditioning, SD2's linear
-    projections in the transformer blocks."""
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    if unet_config.get("use_linear_projection"):
-        return "sd2-v" if prediction_type == "v_prediction" else "sd2"
-    return "sd1"
 
 
 def tag_frequency(prompts: list[str], dataset_name: str = "instance") -> dict[str, dict[str, int]]:
@@ -47,9 +39,11 @@ def _value(info: dict, key: str, default=None):
 
 
 def kohya_metadata(info: dict, rank: int, alpha: float, has_text_encoder: bool) -> dict[str, str]:
-    family = _value(info, "family", "sd1")
-    version, architecture, implementation = FAMILIES.get(family, FAMILIES["sd1"])
-    resolution = _value(info, "resolution", 512)
+    """The header keys; info["family"] is the base model's family name, as finetune.family resolved it."""
+    family = Family.from_name(str(_value(info, "family")))
+    version, architecture, implementation = FAMILIES[family.name]
+    resolution = _value(info, "resolution", family.default_resolution)
+    v = family.prediction_type == "v_prediction" or _value(info, "prediction_type") == "v_prediction"
     lr = _value(info, "learning_rate")
     trigger = str(_value(info, "trigger", ""))
     title = str(_value(info, "title", "") or "finetune LoRA")
@@ -60,8 +54,8 @@ def kohya_metadata(info: dict, rank: int, alpha: float, has_text_encoder: bool) 
         "ss_network_alpha": _number(alpha),
         "ss_network_args": json.dumps({}),
         "ss_base_model_version": version,
-        "ss_v2": str(family.startswith("sd2")),
-        "ss_v_parameterization": str(_value(info, "prediction_type") == "v_prediction"),
+        "ss_v2": str(family.base == "sd2"),
+        "ss_v_parameterization": str(v),
         "ss_sd_model_name": str(_value(info, "base_model", "")),
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_max_train_steps": str(steps), "ss_steps": str(steps),
@@ -82,7 +76,7 @@ def kohya_metadata(info: dict, rank: int, alpha: float, has_text_encoder: bool) 
         "modelspec.title": title,
         "modelspec.date": str(_value(info, "date", "") or datetime.date.today().isoformat()),
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": "v" if _value(info, "prediction_type") == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": "v" if v else "epsilon",
         "modelspec.trigger_phrase": trigger,
         "modelspec.description": f"LoRA (rank {rank}, alpha {_number(alpha)}) on {_value(info, 'base_model', '')}",
     }

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..family import Family
+
 SETTINGS = ("base_model", "family", "rank", "alpha", "unet_targets", "text_encoder", "steps", "epochs",
             "learning_rate", "batch_size", "resolution", "prediction_type", "num_train_images", "num_class_images",
             "seed")
@@ -14,13 +16,14 @@ def write_model_card(folder: str | Path, info: dict, license: str, kohya_file: s
                      grid: str | None = None) -> Path:
     """Write folder/README.md; `kohya_file` and `grid` are file names inside folder, when present."""
     folder = Path(folder)
-    sdxl = info.get("family") == "sdxl"
+    family = Family.from_name(str(info["family"]))  # the name finetune.family resolved at training time
+    sdxl = family.is_sdxl
     # huggingface_hub writes (and validates) the Hub's card header; the body is ours.
     header = ModelCardData(base_model=str(info.get("base_model", "")), license=license, library_name="diffusers",
                            tags=["text-to-image", "diffusers", "lora", "dreambooth", "stable-diffusion-xl" if sdxl
                                  else "stable-diffusion", "template:sd-lora"],
                            instance_prompt=str(info.get("trigger", "")), inference=True)
-    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    pipeline = family.pipeline_class().__name__
     lines = ["---", header.to_yaml(), "---", "",
              f"# {info.get('title') or folder.name}", "",
              f"A DreamBooth LoRA for `{header.base_model}`, trained with finetune. Trigger phrase: "

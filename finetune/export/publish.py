@@ -5,7 +5,8 @@ import logging
 from pathlib import Path
 
 from ..config import ExportConfig
-from ..training.validation import BEFORE_AFTER, SAMPLES
+from ..family import Family
+from ..run_files import BEFORE_AFTER, SAMPLES
 from .convert import export_kohya
 from .diffusers_format import WEIGHT_NAME
 from .hub import push_to_hub
@@ -34,7 +35,7 @@ def publish(output_dir: str | Path, export: ExportConfig, models: dict, info: di
     written, kohya_file = [output_dir / WEIGHT_NAME], None
     if export.kohya:
         kohya_file = kohya_file_name(output_dir)
-        written.append(export_kohya(weights_from_models(models, {"finetune.family": info.get("family", "")}),
+        written.append(export_kohya(weights_from_models(models, Family.from_name(info["family"])),
                                     output_dir / kohya_file, info, export.kohya_precision))
         log.info("exported %s (kohya format)", written[-1])
     if export.model_card:

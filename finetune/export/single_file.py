@@ -1,9 +1,13 @@
 """Diffusers pipeline -> one .safetensors checkpoint in the original Stable Diffusion (LDM) key layout.
 
 The layout A1111, ComfyUI and diffusers' from_single_file read: `model.diffusion_model.*` (U-Net),
-`first_stage_model.*` (VAE), `cond_stage_model.transformer.*` (SD 1.x's CLIP text encoder). This is the inverse
-of diffusers' single_file_utils conversion, written per block type. SD 1.x only: SD 2.x and SDXL store OpenCLIP
-text encoders with fused q/k/v projections, which this module does not write.
+`first_stage_model.*` (VAE), and the text encoders: SD 1.x's CLIP under `cond_stage_model.transformer.*`, SD 2.x's
+OpenCLIP under `cond_stage_model.model.*`, SDXL's two under `conditioner.embedders.0.transformer.*` (CLIP) and
+`conditioner.embedders.1.model.*` (OpenCLIP). OpenCLIP keeps q/k/v in one fused `in_proj` and its projection
+transposed. diffusers only reads this layout (single_file_utils), so this is the inverse of its conversion,
+written per block type. diffusers' SD 2.x text encoder has one block fewer than OpenCLIP's (SD 2.x conditions on
+the penultimate block's output) and no projection: the file holds the blocks the model has, which is what the
+UIs read (they load with strict=False and use the penultimate block).
 """
 from __future__ import annotations
 
@@ -70,10 +74,54 @@ def vae_key(key: str, num_levels: int) -> str:
     return key
 
 
-def ldm_state_dict(pipe) -> dict[str, torch.Tensor]:
-    """The whole SD 1.x pipeline's weights under original SD key names."""
-    if getattr(pipe, "text_encoder_2", None) is not None or pipe.unet.config.get("use_linear_projection"):
-        raise FinetuneError("single-file export writes SD 1.x models only; for SD 2.x/SDXL give --out a folder")
+# OpenCLIP's names for the parts of a transformer block (diffusers/transformers name -> OpenCLIP name).
+OPENCLIP_BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                  "self_attn.out_proj": "attn.out_proj"}
+OPENCLIP_FIXED = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                  "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                  "text_model.final_layer_norm.weight": "ln_final.weight",
+                  "text_model.final_layer_norm.bias": "ln_final.bias"}
+
+
+def text_state(encoder) -> dict[str, torch.Tensor]:
+    """A CLIP text model's weights with the text_model. prefix the original layouts use (transformers 5's
+    CLIPTextModel drops it; CLIPTextModelWithProjection keeps it)."""
+    return {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
+            for k, v in encoder.state_dict().items() if not k.endswith("position_ids")}
+
+
+def openclip_state(encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIP text model's weights in OpenCLIP's layout under `prefix` (q/k/v fused into in_proj)."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (block, weight or bias) -> q/k/v
+    for key, value in text_state(encoder).items():
+        block = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if key in OPENCLIP_FIXED:
+            out[prefix + OPENCLIP_FIXED[key]] = value
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T  # OpenCLIP multiplies by it from the other side
+        elif block and block[2] in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            fused.setdefault((block[1], block[3]), {})[block[2].removeprefix("self_attn.")[0]] = value  # q, k or v
+        elif block and block[2] in OPENCLIP_BLOCK:
+            out[f"{prefix}transformer.resblocks.{block[1]}.{OPENCLIP_BLOCK[block[2]]}.{block[3]}"] = value
+        else:
+            raise FinetuneError(f"single-file export: text-encoder key {key} has no place in OpenCLIP's layout")
+    for (layer, param), parts in fused.items():
+        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([parts[c] for c in "qkv"])
+    return out
+
+
+def text_encoder_states(pipe, family) -> dict[str, torch.Tensor]:
+    if family.is_sdxl:
+        return {**{"conditioner.embedders.0.transformer." + k: v for k, v in text_state(pipe.text_encoder).items()},
+                **openclip_state(pipe.text_encoder_2, "conditioner.embedders.1.model.")}
+    if family.base == "sd2":
+        return openclip_state(pipe.text_encoder, "cond_stage_model.model.")
+    return {"cond_stage_model.transformer." + k: v for k, v in text_state(pipe.text_encoder).items()}
+
+
+def ldm_state_dict(pipe, family) -> dict[str, torch.Tensor]:
+    """The whole pipeline's weights under the original key names of its family (finetune.family.Family)."""
     out = {}
     for key, value in pipe.unet.state_dict().items():
         out["model.diffusion_model." + unet_key(key, pipe.unet.config)] = value
@@ -83,7 +131,5 @@ def ldm_state_dict(pipe) -> dict[str, torch.Tensor]:
         if ".attn_1." in name and name.endswith(".weight") and value.ndim == 2:
             value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
         out["first_stage_model." + name] = value
-    for key, value in pipe.text_encoder.state_dict().items():
-        key = key if key.startswith("text_model.") else "text_model." + key
-        out["cond_stage_model.transformer." + key] = value
+    out.update(text_encoder_states(pipe, family))
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 
 from ..export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
-from ..export.metadata import model_family, tag_frequency
+from ..export.metadata import tag_frequency
+from ..family import family_of_pipeline
 from ..export.publish import publish
 from .distributed import check_replicas_agree
 from .run_lock import release_run_lock
@@ -20,7 +21,7 @@ def export_info(cfg, pipe, run, steps: int, recipe: str) -> dict:
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     seen = steps * cfg.train.batch_size * cfg.train.gradient_accumulation
     instance = run.instance
-    info = {"base_model": cfg.model.pretrained, "family": model_family(pipe.unet.config, prediction),
+    info = {"base_model": cfg.model.pretrained, "family": family_of_pipeline(pipe).name,
             "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "unet_targets": cfg.lora.unet_targets,
             "text_encoder": cfg.lora.text_encoder, "steps": steps,
             "trigger": cfg.data.trigger or cfg.data.instance_prompt, "resolution": cfg.train.resolution,

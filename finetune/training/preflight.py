@@ -23,7 +23,7 @@ from ..data.screening import PhotoReport, screen_photos
 from ..errors import FinetuneError
 from ..export.diffusers_format import WEIGHT_NAME, finetune_metadata
 from ..export.lora_weights import read_lora
-from ..export.metadata import model_family
+from ..family import model_facts, resolve_family
 from ..models import describe_source
 from .checkpoint import find_checkpoint, resume_point
 from .distributed import samples_per_step
@@ -59,7 +59,7 @@ def validate_run(cfg, num_processes: int = 1, main_process: bool = True) -> Chec
     if resume_from is not None:
         check_resume_settings(resume_from, start, cfg)
     if cfg.lora.init_from:
-        check_init_lora(cfg.lora)
+        check_init_lora(cfg.lora, cfg.model)
     instance, photos = screen_photos(instance_examples(data), train.resolution, data.on_bad_image, data.buckets,
                                      data.allow_upscale)
     if main_process:
@@ -77,14 +77,14 @@ def claim_run(cfg, checked: CheckedRun, main_process: bool = True) -> None:
 
 
 def local_model_family(pretrained: str) -> str | None:
-    """sd1, sd2, sd2-v or sdxl for a local diffusers folder, from its configs alone; None for anything else."""
-    root = Path(pretrained).expanduser()
-    try:
-        unet = json.loads((root / "unet" / "config.json").read_text())
-        scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, ValueError):
+    """The family name of a local diffusers folder, from its configs alone (finetune.family); None for anything
+    else (a Hub id is read when it loads)."""
+    if not (Path(pretrained).expanduser() / "model_index.json").is_file():
         return None
-    return model_family(unet, scheduler.get("prediction_type", "epsilon"))
+    try:
+        return resolve_family(pretrained).name
+    except FinetuneError:
+        return None
 
 
 def check_resume_settings(checkpoint: Path, step: int, cfg) -> None:
@@ -112,11 +112,12 @@ def check_resume_settings(checkpoint: Path, step: int, cfg) -> None:
                             "model; resume with the model it was trained on")
 
 
-def check_init_lora(lora) -> None:
+def check_init_lora(lora, model) -> None:
     """lora.init_from is a readable LoRA file whose parts, rank and alpha fit lora.* (its layers are compared
-    with the model's once it is loaded)."""
+    with the model's once it is loaded); sd-scripts' original-layout SDXL names are read with the base's U-Net
+    config."""
     path = lora.init_from
-    weights = read_lora(path)
+    weights = read_lora(path, model_facts(model).unet_config)
     parts = sorted(weights.layers)
     if "unet" not in weights.layers or any(name != "unet" for name in parts) != lora.text_encoder:
         wants = "unet and the text encoder" if lora.text_encoder else "unet"

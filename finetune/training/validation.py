@@ -17,9 +17,9 @@ from ..config import ValidationConfig
 from ..data.images import image_grid, to_image
 from ..inference import generate, set_scheduler
 from ..lora import lora_disabled
+from ..run_files import BEFORE_AFTER, SAMPLES
 
 log = logging.getLogger("finetune")
-SAMPLES, BEFORE_AFTER = "samples", "before_after.png"
 
 
 class Validator:

@@ -8,25 +8,17 @@ import yaml
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from finetune.cli import main
 from finetune.config import ModelConfig
 from finetune.export.diffusers_format import read_header
 from finetune.export.lora_weights import read_lora
 from finetune.models import load_pipeline
-from tests.helpers import tiny_overrides
-
-SD15 = "recipes/configs/sd15_dreambooth_lora.yaml"
-RUN = {"prior.num_class_images": 0, "lora.rank": 2, "lora.alpha": 6, "lora.text_encoder": "true",
-       "train.max_steps": 2, "export.kohya": "true", "train.learning_rate": 5e-2}
+from tests.helpers import SD15, tiny_overrides
+from tests.helpers import TRAINED_SD1 as RUN
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_sd1, tmp_path_factory):
-    from finetune.demo import prepare_photos
-    root = tmp_path_factory.mktemp("trained")
-    prepare_photos(root / "photos")
-    assert main(["train", SD15, *tiny_overrides(tiny_sd1, root / "photos", root, **RUN)]) == 0
-    return root / "run"
+def trained(trained_sd1):
+    return trained_sd1  # shared with the other tests that read one trained SD 1.x run
 
 
 def test_run_writes_kohya_file_and_model_card(trained, tiny_sd1):

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from finetune.config import LoraConfig
 from finetune.export.convert import export_kohya
 from finetune.export.diffusers_format import read_header, save_diffusers_lora
-from finetune.export.kohya import module_path
 from finetune.export.lora_weights import read_lora, weights_from_models
+from finetune.family import Family
 from finetune.lora import add_text_encoder_lora, add_unet_lora
 
 LORA = LoraConfig(rank=4, alpha=8.0, text_encoder=True, unet_targets="all_attention")
@@ -59,7 +59,7 @@ def test_kohya_file_loads_in_diffusers_like_the_diffusers_file(family, request, 
     save_diffusers_lora(tmp_path / "diffusers", cls, pipe.unet, encoders, {"family": family})
     info = {"family": family, "base_model": str(base), "trigger": "a photo of sks dog", "steps": 10,
             "resolution": 64, "learning_rate": 1e-4, "tag_frequency": {"instance": {"a photo of sks dog": 5}}}
-    weights = weights_from_models({"unet": pipe.unet, **encoders}, {"finetune.family": family})
+    weights = weights_from_models({"unet": pipe.unet, **encoders}, Family.from_name(family))
     kohya = export_kohya(weights, tmp_path / "dog.safetensors", info, precision="fp32")
 
     # Names, alpha and metadata of the file.
@@ -97,15 +97,30 @@ def test_kohya_file_loads_in_diffusers_like_the_diffusers_file(family, request, 
     assert all(torch.equal(a.layers[c][k], b.layers[c][k]) for c in a.layers for k in a.layers[c])
 
 
-def test_module_path_inverts_kohya_flattening():
-    for path in ["down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0", "mid_block.attentions.0.proj_in",
-                 "text_model.encoder.layers.11.self_attn.out_proj", "up_blocks.2.resnets.0.conv_shortcut"]:
-        assert module_path(path.replace(".", "_")) == path
+def test_kohya_names_with_underscored_pieces_read_back_to_their_modules(tmp_path):
+    """Flattened kohya names lose which "_" were "."; the reader (diffusers' converter) puts them back."""
+    paths = {"unet": ["down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0",
+                      "mid_block.attentions.0.proj_in", "up_blocks.2.attentions.0.transformer_blocks.0.ff.net.0.proj",
+                      "up_blocks.2.resnets.0.conv_shortcut"],
+             "text_encoder": ["text_model.encoder.layers.11.self_attn.out_proj", "text_model.encoder.layers.0.mlp.fc1"]}
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    tensors = {}
+    for component, modules in paths.items():
+        for i, module in enumerate(modules):
+            name = prefix[component] + module.replace(".", "_")
+            tensors |= {f"{name}.lora_down.weight": torch.full((2, 8), float(i)),
+                        f"{name}.lora_up.weight": torch.full((8, 2), float(i)), f"{name}.alpha": torch.tensor(3.0)}
+    save_file(tensors, tmp_path / "names.safetensors")
+    weights = read_lora(tmp_path / "names.safetensors")
+    assert {c: weights.modules(c) for c in weights.layers} == {c: sorted(m) for c, m in paths.items()}
+    assert weights.layers["unet"]["mid_block.attentions.0.proj_in.lora_A.weight"].eq(1.0).all()
+    assert weights.alpha == {"unet": 3.0, "text_encoder": 3.0}
 
 
 def test_fp16_is_the_default_precision(tiny_sd1, tmp_path):
     pipe, encoders = lora_pipeline(StableDiffusionPipeline, tiny_sd1)
-    path = export_kohya(weights_from_models({"unet": pipe.unet}), tmp_path / "x.safetensors", {"alpha": 8.0})
+    path = export_kohya(weights_from_models({"unet": pipe.unet}), tmp_path / "x.safetensors",
+                        {"alpha": 8.0, "family": "sd1"})
     tensors = load_file(path)
     assert {v.dtype for k, v in tensors.items() if "lora_" in k.split(".", 1)[1]} == {torch.float16}
     assert {v.dtype for k, v in tensors.items() if k.endswith(".alpha")} == {torch.float32}
