@@ -28,7 +28,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
 from PIL import Image
 
 from .config import ModelConfig
-from .data.images import image_grid, open_rgb
+from .data.images import image_grid, open_rgb, save_png_atomically
 from .errors import FinetuneError
 from .export.lora_weights import LoraWeights, read_lora
 from .export.pipeline_lora import load_lora
@@ -299,12 +299,12 @@ def save_images(images: list[Image.Image], out: str | Path, rows: int, beside: I
     row)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(out / f"{i:04d}.png")
+    for i, image in enumerate(images):  # each under a temporary name, then renamed: a full disk keeps the old file
+        save_png_atomically(image, out / f"{i:04d}.png")
     if beside is not None:
         per_row = len(images) // rows
         images = [shown for row in range(rows) for shown in [beside, *images[row * per_row:(row + 1) * per_row]]]
-    image_grid(images, rows=rows).save(out / "grid.png")
+    save_png_atomically(image_grid(images, rows=rows), out / "grid.png")
     return out
 
 
