@@ -27,7 +27,8 @@ CONFIGS = {"sd15": "recipes/configs/sd15_dreambooth_lora.yaml", "sdxl": "recipes
            "tiny": "recipes/configs/sd15_dreambooth_lora.yaml"}
 RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 64}
 # `tiny` runs the same code path on a CPU in seconds (the tests use it so the benchmark cannot rot).
-TINY_OVERRIDES = ["train.mixed_precision=no", "train.optimizer=adamw", "train.resolution=64", "prior.num_class_images=8"]
+TINY_OVERRIDES = ["train.mixed_precision=no", "train.optimizer=adamw", "train.resolution=64",
+                  "prior.num_class_images=8"]
 NUM_CLASS = {"sd15": 100, "sdxl": 100, "tiny": 8}
 # The SDXL config draws validation grids while training; the peer draws none, and drawing is not a step.
 # The peer trains rank 4 on square center crops: so does ours here.
@@ -168,7 +169,7 @@ def run_peer(arch: str, data: dict, steps: int, name: str, flags: list[str], pee
     cmd = ["bash", str(peer_dir / "run_peer.sh"), arch, str(data["model"]), str(data["photos"]),
            str(data["classes"]), str(steps), name, *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
         print(proc.stdout[-2000:], proc.stderr[-3000:], flush=True)
         return {"who": "peer", "variant": name, "rc": proc.returncode}
@@ -178,7 +179,11 @@ def run_peer(arch: str, data: dict, steps: int, name: str, flags: list[str], pee
 
 
 def versions() -> dict:
-    import accelerate, diffusers, peft, torch, transformers  # noqa: E401
+    import accelerate  # noqa: E401
+    import diffusers
+    import peft
+    import torch
+    import transformers
     try:
         import bitsandbytes
         bnb = bitsandbytes.__version__
@@ -209,7 +214,8 @@ def markdown_rows(arch: str, results: list[dict], meta: dict) -> list[str]:
         ratio = r["it_per_s"] / p["it_per_s"] if p.get("it_per_s") else float("nan")
         mem = r["peak_gpu_mib"] / p["peak_gpu_mib"] if p.get("peak_gpu_mib") and r["peak_gpu_mib"] else float("nan")
         rows.append(f"| {meta['date']} | {meta['gpu']} | {arch} {r['variant']} | {r['it_per_s']:.2f} it/s, "
-                    f"{r['peak_gpu_mib']} MiB | {p.get('variant', 'peer')}: {p.get('it_per_s')} it/s, {p.get('peak_gpu_mib')} MiB | "
+                    f"{r['peak_gpu_mib']} MiB | {p.get('variant', 'peer')}: {p.get('it_per_s')} it/s, "
+                    f"{p.get('peak_gpu_mib')} MiB | "
                     f"{ratio:.2f}x speed, {mem:.2f}x memory |")
     return rows
 
@@ -254,7 +260,8 @@ def main():
     print("\n".join(rows))
     if args.rows_to:  # BENCHMARKS.md: the rows go under the results table's heading, newest last
         with open(args.rows_to, "a", encoding="utf-8") as out:
-            out.write(f"\n<!-- bench.py {time.strftime('%Y-%m-%d %H:%M')} {meta['gpu']}: {shlex.join(sys.argv[1:])} -->\n")
+            stamp = f"{time.strftime('%Y-%m-%d %H:%M')} {meta['gpu']}"
+            out.write(f"\n<!-- bench.py {stamp}: {shlex.join(sys.argv[1:])} -->\n")
             out.write("".join(row + "\n" for row in rows))
 
 

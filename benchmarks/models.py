@@ -9,8 +9,14 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from finetune.tiny import save_tokenizer, tiny_tokenizer
@@ -34,7 +40,8 @@ def sd_vae(scaling_factor: float, size: int) -> AutoencoderKL:
 def sd15_models(eos: int) -> dict:
     unet = UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        attention_head_dim=8, cross_attention_dim=768, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        attention_head_dim=8, cross_attention_dim=768,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
     return {"unet": unet, "vae": sd_vae(0.18215, 512),
             "text_encoder": CLIPTextModel(clip_text_config(768, 12, 12, "quick_gelu", eos))}

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import math
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # A full disk or a read-only folder that no command named: every file is written under a temporary name
         # and renamed, so what was written before (checkpoints, the previous export) is intact.
-        where = os.path.dirname(exc.filename) if getattr(exc, "filename", None) else "writing"
+        filename = getattr(exc, "filename", None)
+        where = os.path.dirname(filename) if filename else "writing"
         print(f"finetune: error: {where}: {reason}; earlier files are intact: free disk space or fix permissions, "
               "then run again (train.resume=latest continues training)", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -22,7 +23,8 @@ def option(default: Any, doc: str) -> Any:
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
     if dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata={"doc": doc})
+        section: Any = default
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(section), metadata={"doc": doc})
     return dataclasses.field(default=default, metadata={"doc": doc})
 
 
@@ -110,7 +112,7 @@ def recipe_name(path: str | Path | None, default: str) -> str:
     return name
 
 
-def load(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
+def load(cls: type, path: str | Path | None, overrides: Sequence[str] = ()) -> Any:
     """Read a YAML file (or nothing), apply dotted overrides, and build the typed config.
 
     A top-level `recipe:` key names the recipe for the CLI and is not part of the recipe's config.
@@ -122,7 +124,7 @@ def load(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
 
 # What train.mode sets; any of these keys set in the YAML or on the command line wins over the mode. Figures behind
 # each choice are in BENCHMARKS.md.
-MODES = {
+MODES: dict[str, dict[str, dict[str, Any]]] = {
     "custom": {},
     # Small batches are bound by kernel launches, not arithmetic: graphs remove the launches, bf16 without autocast
     # removes the per-op casts, fused AdamW steps every LoRA tensor in one kernel.
@@ -139,10 +141,11 @@ def with_mode(data: dict) -> dict:
     """The config dict with train.mode's presets filled in under the keys given explicitly."""
     train = data.get("train")
     mode = train.get("mode", "custom") if isinstance(train, dict) else "custom"
+    presets = MODES.get(mode, {})
     if mode not in MODES:
         raise ConfigError(f"train.mode: {mode!r} is not one of {', '.join(MODES)}")
     merged = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
-    for section, preset in MODES[mode].items():
+    for section, preset in presets.items():
         if isinstance(merged.get(section, {}), dict):
             merged[section] = {**preset, **merged.get(section, {})}
     return merged
@@ -179,7 +182,7 @@ def _similar(a: str, b: str) -> bool:
 
 def _convert(hint: Any, value: Any, key: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return build(hint, value if value is not None else {}, key + ".")
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -234,8 +237,10 @@ def check(condition: bool, key: str, message: str) -> None:
 
 # Choice keys, checked when the config is built (before any model loads). The samplers are inference.SCHEDULERS'
 # names plus `default` and the schedules diffusers' get_scheduler takes; tests/test_config.py holds them equal.
-SAMPLERS = ("dpm++", "ddim", "euler", "euler_a", "pndm", "default")
-LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+Sampler = Literal["dpm++", "ddim", "euler", "euler_a", "pndm", "default"]
+LRSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
+LR_SCHEDULES: tuple[str, ...] = typing.get_args(LRSchedule)
 
 # Sections shared by the recipes. A recipe's Config composes the ones it needs.
 
@@ -297,7 +302,7 @@ class PriorConfig:
     loss_weight: float = option(1.0, "weight of the class-image loss against the instance loss")
     generation_batch_size: int = option(4, "class images generated per batch")
     generation_steps: int = option(25, "sampler steps per generated class image")
-    generation_scheduler: Literal[SAMPLERS] = option("dpm++", "sampler for class images: dpm++, ddim, euler, "
+    generation_scheduler: Sampler = option("dpm++", "sampler for class images: dpm++, ddim, euler, "
                                                               "euler_a, pndm or default")
     guidance_scale: float = option(7.5, "classifier-free guidance scale for class images")
 
@@ -351,7 +356,7 @@ class TrainConfig:
     optimizer: Literal["adamw8bit", "adamw"] = option("adamw8bit", "adamw8bit (bitsandbytes, CUDA) or adamw")
     weight_decay: float = option(1e-2, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0 turns clipping off)")
-    lr_scheduler: Literal[LR_SCHEDULES] = option("constant", "constant, linear, cosine, cosine_with_restarts, "
+    lr_scheduler: LRSchedule = option("constant", "constant, linear, cosine, cosine_with_restarts, "
                                                              "polynomial, constant_with_warmup")
     lr_warmup_steps: int = option(0, "steps of linear warmup at the start")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
@@ -410,7 +415,7 @@ class ValidationConfig:
     seed: int = option(0, "seed of the first image of each prompt")
     steps: int = option(25, "sampler steps per validation image")
     guidance: float = option(7.5, "classifier-free guidance scale for validation images")
-    scheduler: Literal[SAMPLERS] = option("dpm++", "sampler for validation images: dpm++, ddim, euler, euler_a, "
+    scheduler: Sampler = option("dpm++", "sampler for validation images: dpm++, ddim, euler, euler_a, "
                                                    "pndm or default")
     before_after: bool = option(True, "at the end, a grid of base-model vs LoRA images with the same seeds")
     metrics: bool = option(False, "also score each validation grid (DINO, CLIP-I, CLIP-T, prior drift; models from "

@@ -8,7 +8,7 @@ import dataclasses
 import importlib.metadata
 import platform
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from packaging.version import InvalidVersion, Version
 

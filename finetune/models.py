@@ -4,9 +4,10 @@ from __future__ import annotations
 import inspect
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from .config import ModelConfig
 from .errors import FinetuneError
@@ -45,9 +46,9 @@ def describe_source(pretrained: str, allow_pickle: bool = False, key: str = "mod
     return "hub"
 
 
-def load_pipeline(model: ModelConfig, pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline,
+def load_pipeline(model: ModelConfig, pipeline_class: Any = StableDiffusionPipeline,
                   dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.bfloat16,
-                  **extra) -> DiffusionPipeline:
+                  **extra) -> Any:  # diffusers sets a pipeline's parts as attributes at run time
     """Load `pipeline_class` from wherever `model.pretrained` points, with a one-line error if it can't.
 
     With model.quantize_unet=nf4 the pipeline comes without its U-Net: ensure_unet loads it later, in 4 bits
@@ -55,7 +56,7 @@ def load_pipeline(model: ModelConfig, pipeline_class: type[DiffusionPipeline] = 
     """
     source = describe_source(model.pretrained, model.allow_pickle)
     # Every SD 1.x/2.x pipeline (text-to-image, image-to-image, inpainting) takes a safety checker: not loaded.
-    if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
+    if "safety_checker" in inspect.signature(pipeline_class).parameters:
         extra = {"safety_checker": None, "requires_safety_checker": False, **extra}
     if model.quantize_unet != "none":
         check_nf4_possible(model, source)
@@ -73,7 +74,7 @@ def load_pipeline(model: ModelConfig, pipeline_class: type[DiffusionPipeline] = 
         raise FinetuneError(f"model.pretrained: could not load {model.pretrained} from {where}: {reason}") from None
 
 
-def ensure_unet(pipe: DiffusionPipeline, model: ModelConfig, compute_dtype: torch.dtype) -> torch.nn.Module:
+def ensure_unet(pipe: Any, model: ModelConfig, compute_dtype: torch.dtype) -> torch.nn.Module:
     """The pipeline's U-Net, loading the deferred 4-bit one (model.quantize_unet=nf4) onto the GPU first if needed."""
     if pipe.unet is None:
         pipe.register_modules(unet=load_nf4_unet(model, compute_dtype))
@@ -86,7 +87,8 @@ def check_nf4_possible(model: ModelConfig, source: str) -> None:
                             "none here")
     if source == "file":
         raise FinetuneError(f"model.quantize_unet=nf4: {model.pretrained} is a single file; quantizing loads the "
-                            f"U-Net from a diffusers folder or Hub id (save it as one with diffusers' save_pretrained), or set "
+                            f"U-Net from a diffusers folder or Hub id (save it as one with diffusers' "
+                            f"save_pretrained), or set "
                             f"model.quantize_unet=none")
 
 
@@ -109,7 +111,7 @@ def is_quantized(module: torch.nn.Module) -> bool:
     return bool(getattr(module, "is_quantized", False))
 
 
-def training_scheduler(pipe: DiffusionPipeline) -> DDPMScheduler:
+def training_scheduler(pipe: Any) -> DDPMScheduler:
     """The DDPM noise schedule the model was trained with, keeping its prediction type (epsilon or v)."""
     return DDPMScheduler.from_config(pipe.scheduler.config)
 

@@ -11,9 +11,16 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
-                       StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_RESOLUTION = 64  # pixels; the VAE downsamples 8x, like SD's, so latents are 8x8
@@ -70,7 +77,8 @@ def tiny_text_encoder(vocab_size: int, projection_dim: int | None = None, with_p
 
 
 def tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
-    return AutoencoderKL(scaling_factor=scaling_factor, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32),
+    return AutoencoderKL(scaling_factor=scaling_factor, in_channels=3, out_channels=3, latent_channels=4,
+                         block_out_channels=(16, 16, 32, 32),
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                          layers_per_block=1, norm_num_groups=8, sample_size=TINY_RESOLUTION)
 

@@ -21,9 +21,16 @@ from finetune.family import require_family
 from finetune.models import ensure_unet, load_pipeline, training_scheduler
 from finetune.training.conditioning import SD, ModelKind
 from finetune.training.distributed import ensure_class_images
+from finetune.training.dreambooth import (
+    add_lora,
+    encode_latents,
+    encode_prompts,
+    plan_share,
+    prepare_training,
+    start_run,
+    text_conditioning,
+)
 from finetune.training.finish import RunExporter, finish_run
-from finetune.training.dreambooth import (add_lora, encode_latents, encode_prompts, plan_share, prepare_training,
-                                          start_run, text_conditioning)
 from finetune.training.loop import Checkpointer, train_loop
 from finetune.training.loss import DreamBoothObjective
 from finetune.training.unet_call import training_unet_call

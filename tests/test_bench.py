@@ -21,4 +21,5 @@ def test_benchmark_runs_our_recipe_end_to_end_on_a_tiny_model(tmp_path):
     assert len(list((tmp_path / "class-tiny").glob("*.png"))) == 8
     assert (tmp_path / "ours-tiny-fast" / "pytorch_lora_weights.safetensors").is_file()
     rows = (tmp_path / "BENCHMARKS.md").read_text().splitlines()
-    assert rows[1].startswith("<!-- bench.py ") and rows[2].startswith(f"| {report['meta']['date']} | cpu | tiny fast |")
+    assert rows[1].startswith("<!-- bench.py ")
+    assert rows[2].startswith(f"| {report['meta']['date']} | cpu | tiny fast |")

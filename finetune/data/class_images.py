@@ -5,6 +5,7 @@ import hashlib
 import io
 import logging
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,8 @@ def missing_class_indices(folder: Path, wanted: int) -> list[int]:
         if folder.is_dir() else []
     taken = {int(m.group(1)) for m in map(GENERATED.fullmatch, (p.name for p in paths)) if m}
     short = wanted - len(paths)
-    missing, index = [], 0
+    missing: list[int] = []
+    index = 0
     while len(missing) < short:
         if index not in taken:
             missing.append(index)
@@ -95,7 +97,7 @@ def write_png_atomically(image, folder: Path, index: int) -> Path:
 
 @torch.no_grad()
 def generate_class_images(pipe, folder: str | Path, prompt: str, prior: PriorConfig, resolution: int, seed: int,
-                          device, indices: range | None = None) -> int:
+                          device, indices: Sequence[int] | None = None) -> int:
     """Fill `folder` up to prior.num_class_images images of `prompt`; existing images are kept and reused.
 
     Image i always comes from seed + i, so a run that stopped part-way finishes with the same set.
@@ -115,7 +117,7 @@ def generate_class_images(pipe, folder: str | Path, prompt: str, prior: PriorCon
     with writing_into(folder, f"data.class_dir {folder}: could not write class images", advice), \
             tqdm(total=len(todo), desc=f"class images ({prompt!r})", unit="img") as bar, \
             ThreadPoolExecutor(max_workers=2) as writer:
-        pending = []
+        pending: list = []
         for start in range(0, len(todo), prior.generation_batch_size):
             chunk = todo[start:start + prior.generation_batch_size]
             generators = [torch.Generator(device).manual_seed(seed + i) for i in chunk]

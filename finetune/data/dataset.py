@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -46,10 +47,14 @@ def instance_examples(data: DataConfig) -> list[Example]:
 def dataset_examples(data: DataConfig) -> list[Example]:
     from .hf_dataset import dataset_rows, row_image
 
-    dataset, rows = dataset_rows(data.dataset, data.dataset_split, data.image_column, data.caption_column)
-    return [Example(f"{data.dataset}[{i}]", example_prompt(caption, data.instance_prompt, data.trigger,
-                                                           f"data.dataset row {i}'s caption"),
-                    lambda i=i: row_image(dataset, i, data.image_column)) for i, caption in rows]
+    name = data.dataset or ""  # instance_examples calls this only with data.dataset set
+    dataset, rows = dataset_rows(name, data.dataset_split, data.image_column, data.caption_column)
+
+    def loader(i: int) -> Callable[[], Image.Image]:
+        return lambda: row_image(dataset, i, data.image_column)
+    return [Example(f"{name}[{i}]", example_prompt(caption, data.instance_prompt, data.trigger,
+                                                   f"data.dataset row {i}'s caption"), loader(i))
+            for i, caption in rows]
 
 
 def class_examples(class_dir: str, prompt: str, count: int) -> list[Example]:
@@ -268,13 +273,13 @@ class PromptEmbeddings:
         return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
+    def encode(self, prompts: list[str]) -> Any:  # a tensor (SD); SDXL's subclass returns (embeddings, pooled)
         return self.text_encoder(self.token_ids(prompts).to(self.device))[0]
 
     def __call__(self, prompts: list[str]):
         if self.cache:
             rows = [self.cache[p] for p in prompts]
             if isinstance(rows[0], tuple):
-                return tuple(torch.stack(column) for column in zip(*rows))
-            return torch.stack(rows)
+                return tuple(torch.stack(list(column)) for column in zip(*rows))
+            return torch.stack([row for row in rows if isinstance(row, torch.Tensor)])
         return self.encode(prompts)

@@ -61,7 +61,7 @@ def open_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            image = ImageOps.exif_transpose(image)
+            image = ImageOps.exif_transpose(image)  # type: ignore[assignment]  # an Image, no longer a file
     except Image.DecompressionBombError as exc:
         raise FinetuneError(f"{path}: not decoded, too many pixels ({exc}); downscale it") from None
     except (MemoryError, RecursionError) as exc:

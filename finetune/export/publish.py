@@ -41,6 +41,7 @@ def publish(output_dir: str | Path, export: ExportConfig, models: dict, info: di
     if export.model_card:
         written.append(write_model_card(output_dir, info, export.license, kohya_file, sample_grid(output_dir)))
     if export.push_to_hub:
-        files = [p.name for p in written] + ([sample_grid(output_dir)] if sample_grid(output_dir) else [])
+        grid = sample_grid(output_dir)
+        files = [p.name for p in written] + ([grid] if grid else [])
         log.info("uploaded to %s", push_to_hub(export.push_to_hub, output_dir, files))
     return written

@@ -29,7 +29,8 @@ def register_lora_only_saving(accelerator: Accelerator) -> None:
     def save(models, weights, output_dir):
         if accelerator.is_main_process:
             for i, model in enumerate(models):
-                save_file(lora_state(accelerator.unwrap_model(model)), os.path.join(output_dir, f"lora_{i}.safetensors"))
+                path = os.path.join(output_dir, f"lora_{i}.safetensors")
+                save_file(lora_state(accelerator.unwrap_model(model)), path)
         weights.clear()
 
     def load(models, input_dir):
@@ -54,7 +55,7 @@ def step_folders(output_dir: str | Path) -> list[Path]:
     """Every checkpoints/step-N folder, finished or not, oldest first (by the N in its name)."""
     root = Path(output_dir) / CHECKPOINTS
     found = [p for p in root.iterdir() if p.is_dir() and STEP_FOLDER.fullmatch(p.name)] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(STEP_FOLDER.fullmatch(p.name).group(1)))
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))  # STEP_FOLDER matched: step-NNNNNN
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -178,7 +179,7 @@ def find_checkpoint(output_dir: str | Path, resume: str | None) -> tuple[Path | 
     if not resume:
         return None, []
     if resume == "latest":
-        found, damaged = step_folders(output_dir), []
+        found, damaged = step_folders(output_dir), list[Path]()
         if not found:
             raise FinetuneError(f"train.resume=latest: no checkpoint in {Path(output_dir) / CHECKPOINTS}; "
                                 "drop train.resume to start fresh")

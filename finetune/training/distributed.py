@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -32,10 +33,11 @@ def class_image_share(accelerator: Accelerator, folder: str | Path, wanted: int)
     The main process reads the folder and sends its list to the others, so all split the same list even when the
     folder is on a network filesystem that shows processes different listings; shares are disjoint and cover it.
     """
-    missing = [missing_class_indices(Path(folder), wanted) if accelerator.is_main_process else None]
+    missing: list[Any] = [missing_class_indices(Path(folder), wanted) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(missing, from_process=0)
-    return missing[0], missing[0][accelerator.process_index::accelerator.num_processes]
+    every: list[int] = missing[0]
+    return every, every[accelerator.process_index::accelerator.num_processes]
 
 
 def ensure_class_images(accelerator: Accelerator, pipe, data: DataConfig, prior: PriorConfig, resolution: int,

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -152,7 +153,7 @@ def plan_share(cfg, run: Run, num_class: int) -> list[BatchPlan]:
             for micro in range((train.max_steps - run.start) * train.gradient_accumulation)]
 
 
-def text_conditioning(kind: ModelKind, pipe, training: "Training", run: Run):
+def text_conditioning(kind: ModelKind, pipe, training: Training, run: Run):
     """The conditioning that encodes prompts each step, with the text encoders as they train (Accelerate's
     wrapping) or, frozen, on the GPU in the run's dtype."""
     encoders = []
@@ -168,7 +169,7 @@ class Training:
     models: dict[str, torch.nn.Module]  # the LoRA-carrying models as Accelerate wrapped them, by pipeline name
     lora_models: dict[str, torch.nn.Module]  # the same models unwrapped: what is exported and validated
     optimizer: torch.optim.Optimizer
-    lr_scheduler: object
+    lr_scheduler: Any  # a torch LambdaLR from diffusers' get_scheduler
     params: list[torch.nn.Parameter]
 
 

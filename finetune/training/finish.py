@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
 from ..export.metadata import tag_frequency
-from ..family import family_of_pipeline
 from ..export.publish import publish
+from ..family import family_of_pipeline
 from .distributed import check_replicas_agree
 from .run_lock import release_run_lock
 from .summary import write_summary

@@ -54,6 +54,7 @@ class NonFiniteGuard:
         if self.uses_scaler:
             self._stepped = True  # the scaler decides inside optimizer.step()
             return True
+        assert loss_finite is not None, "watch(loss) runs before every clip_and_check"
         finite = torch.isfinite(torch.as_tensor(norm)).to(loss_finite.device) & loss_finite
         if self.accelerator.num_processes > 1:  # every process must take the same decision
             finite = self.accelerator.reduce(finite.float(), "sum") == self.accelerator.num_processes

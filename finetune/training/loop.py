@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from ..config import DreamBoothConfig
 from .checkpoint import CHECKPOINTS, save_checkpoint
 from .distributed import samples_per_step
 from .dreambooth import Run, Training
@@ -26,7 +27,7 @@ from .summary import StepClock, optimizer_state_summary
 @dataclasses.dataclass
 class Checkpointer:
     """Writes checkpoints/step-N (resumable state, plus that step's export from `write_export(folder, step)`)."""
-    cfg: object
+    cfg: DreamBoothConfig
     run: Run
     write_export: Callable[[Path, int], Path]
 

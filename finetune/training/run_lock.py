@@ -16,9 +16,11 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from ..errors import FinetuneError
 
+fcntl: Any
 try:
     import fcntl
 except ImportError:  # Windows
@@ -29,7 +31,7 @@ LOCK_NAME = ".finetune.lock"
 _held: dict[Path, int] = {}  # resolved output_dir -> descriptor of the lock this process holds
 
 
-def _key(root: Path) -> Path:
+def _key(root: str | Path) -> Path:
     return Path(root).expanduser().resolve()
 
 

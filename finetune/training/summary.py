@@ -53,7 +53,7 @@ class StepClock:
         self.device = device
         self.warmup = min(warmup, steps_this_run // 2)  # short runs still time their second half
         self.done = 0
-        self.start_time = None
+        self.start_time: float | None = None
         self.wall_start = time.perf_counter()
         if self.warmup == 0:
             self.start_time = self.wall_start
@@ -74,7 +74,8 @@ class StepClock:
         timed = self.done - self.warmup
         result = {"steps": step, "steps_this_run": self.done, "timed_steps": timed,
                   "train_seconds": round(now - self.wall_start, 3),
-                  "steady_it_per_s": round(timed / (now - self.start_time), 4) if timed > 0 else None,
+                  "steady_it_per_s": round(timed / (now - self.start_time), 4)
+                  if timed > 0 and self.start_time is not None else None,
                   "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}
         if self.device.type == "cuda":
             result["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved(self.device) / 2**20)

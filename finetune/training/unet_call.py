@@ -9,7 +9,7 @@ as the fallback.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -57,7 +57,7 @@ def graphs_usable(requested: bool, device: torch.device, num_processes: int, lor
     return True
 
 
-def training_unet_call(unet, dtype: torch.dtype, cfg, accelerator, plans) -> "UNetForward":
+def training_unet_call(unet, dtype: torch.dtype, cfg, accelerator, plans) -> UNetForward:
     """The recipe's U-Net call: CUDA graphs where train.cuda_graphs asks for them and this run allows them."""
     train = cfg.train
     shapes = {(plan.size, len(plan.instance), len(plan.classes)) for plan in plans}
@@ -87,7 +87,7 @@ class UNetForward:
         if self.graphed is None:
             self.graphed, self.recorded_for = self._record(inputs), key
             self.use_graphs = self.graphed is not None
-        if self.use_graphs and key == self.recorded_for:
+        if self.graphed is not None and self.use_graphs and key == self.recorded_for:
             return self.graphed(*inputs)
         return self.unet(*inputs[:3], return_dict=False, **added_conditioning(inputs[3:]))[0]
 

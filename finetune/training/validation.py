@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,7 +84,7 @@ class Validator:
         device = self.accelerator.device
         cuda = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), on_device(self.pipe, device), self.accelerator.autocast():
-            latents = generate(self.pipe, self.cfg.prompts, self.cfg.num_images, self.cfg.seed, self.cfg.steps,
+            latents: Any = generate(self.pipe, self.cfg.prompts, self.cfg.num_images, self.cfg.seed, self.cfg.steps,
                                self.cfg.guidance, self.resolution, progress=False, output_type="latent")
             vae = self.pipe.vae
             shift = getattr(vae.config, "shift_factor", None) or 0.0

@@ -3,8 +3,14 @@ import pytest
 import torch
 
 from finetune.config import DataConfig
-from finetune.data.captions import (batch_prompts, caption_variant, find_caption, possible_prompts, shuffle_tags,
-                                    with_trigger)
+from finetune.data.captions import (
+    batch_prompts,
+    caption_variant,
+    find_caption,
+    possible_prompts,
+    shuffle_tags,
+    with_trigger,
+)
 from finetune.data.dataset import SampleOrder, instance_examples, plan_batch, plan_prompts
 from finetune.errors import FinetuneError
 

@@ -11,7 +11,8 @@ def test_every_instance_once_per_epoch_and_reproducible():
     assert seen == sorted(list(range(5)) * 2)
     again = [plan_batch(SampleOrder(7, 2, 5, 3, 2, True, False), step) for step in range(5)]
     assert again == plans
-    assert plan_batch(SampleOrder(8, 2, 5, 3, 2, True, False), 0) != plans[0] or plan_batch(SampleOrder(8, 2, 5, 3, 2, True, False), 1) != plans[1]
+    other = SampleOrder(8, 2, 5, 3, 2, True, False)
+    assert plan_batch(other, 0) != plans[0] or plan_batch(other, 1) != plans[1]
 
 
 def test_each_batch_pairs_instance_and_class_samples():

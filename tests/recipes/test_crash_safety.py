@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 from finetune.training.checkpoint import checkpoint_dirs
 from finetune.training.loss import DreamBoothObjective
-from recipes import dreambooth_lora
 from tests.helpers import tiny_overrides
 
 SD15 = "recipes/configs/sd15_dreambooth_lora.yaml"

@@ -2,12 +2,18 @@
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-from finetune.data.dataset import LatentSource, PromptEmbeddings, SampleOrder, class_examples, instance_examples
-from finetune.data.dataset import plan_batch
-from finetune.data.dataset import sample_generators
+from finetune.config import DataConfig
+from finetune.data.dataset import (
+    LatentSource,
+    PromptEmbeddings,
+    SampleOrder,
+    class_examples,
+    instance_examples,
+    plan_batch,
+    sample_generators,
+)
 from finetune.training.loss import diffusion_target, prior_preservation_loss
 from tests.helpers import objective
-from finetune.config import DataConfig
 
 
 def test_epsilon_target_is_the_noise_and_v_target_is_velocity():

@@ -4,8 +4,14 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from finetune.config import DataConfig, LossConfig
-from finetune.data.dataset import LatentSource, PromptEmbeddings, SampleOrder, instance_examples, plan_batch
-from finetune.data.dataset import sample_generators
+from finetune.data.dataset import (
+    LatentSource,
+    PromptEmbeddings,
+    SampleOrder,
+    instance_examples,
+    plan_batch,
+    sample_generators,
+)
 from finetune.models import training_scheduler
 from finetune.training.loss import add_noise, min_snr_weights, prior_preservation_loss
 from tests.helpers import objective

@@ -63,8 +63,8 @@ def test_tensor_only_call_equals_the_unet(tiny_sd1, tiny_sdxl, family):
     emb = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
     added = ()
     if family == "sdxl":
-        pooled = torch.randn(2, unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim,
-                             generator=g)
+        width = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        pooled = torch.randn(2, width, generator=g)
         added = (pooled, torch.tensor([[64., 64, 0, 0, 64, 64]] * 2))
     with torch.no_grad():
         direct = unet(x, t, emb, added_cond_kwargs={"text_embeds": added[0], "time_ids": added[1]} if added else None)
