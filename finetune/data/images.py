@@ -149,11 +149,3 @@ def save_png_atomically(image: Image.Image, path: Path, data: bytes | None = Non
         tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def save_images(images: list[Image.Image], folder: str | Path, rows: int) -> list[Path]:
-    """0000.png, 0001.png, ... and grid.png (`rows` rows) in `folder`, each written atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = [save_png_atomically(image, folder / f"{i:04d}.png") for i, image in enumerate(images)]
-    return written + [save_png_atomically(image_grid(images, rows), folder / "grid.png")]
