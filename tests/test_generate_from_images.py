@@ -141,7 +141,7 @@ def test_an_inpainting_checkpoint_takes_the_base_models_lora_and_says_what_does_
     (["--mask", "{mask}"], "--mask needs --init-image, the picture to start from"),
     (["--strength", "0.5"], "--strength needs --init-image"),
     (["--init-image", "{photo}", "--resolution", "64"], "--resolution: the images take --init-image's size"),
-    (["--resolution", "100"], "--resolution 100: give a positive multiple of 8 pixels"),
+    (["--resolution", "100"], "--resolution 100: must be a positive multiple of 8, e.g. 512"),
     (["--init-image", "{photo}", "--mask", "{mask}", "--inpaint-model", "{model}"],
      "--inpaint-model: {model} is an SD 1.x model, not an inpainting model"),
 ])
