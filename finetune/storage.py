@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -71,3 +72,21 @@ def writing_into(folder: str | Path, where: str, advice: str):
         if reason is None:
             raise
         raise FinetuneError(f"{where}: {reason}; {advice}") from None
+
+
+def save_safetensors_atomically(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a .safetensors file under a temporary name beside `path`, then rename: a full disk or a crash leaves
+    the earlier file (or none), never half of one, and no temporary file behind."""
+    from safetensors.torch import save_file  # torch's side of safetensors: only the writers need it
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".safetensors")
+    os.close(handle)
+    try:
+        save_file(tensors, scratch, metadata=metadata)
+        os.replace(scratch, path)
+    finally:
+        if os.path.exists(scratch):
+            os.remove(scratch)
+    return path

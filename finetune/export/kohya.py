@@ -12,14 +12,12 @@ alpha = rank, which changes the LoRA's strength in the UIs whenever alpha != ran
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import FinetuneError
+from ..storage import save_safetensors_atomically
 from .lora_weights import LoraWeights
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -53,15 +51,4 @@ def save_kohya_lora(path: str | Path, weights: LoraWeights, metadata: dict[str, 
     """Write the kohya file atomically (an interrupted save leaves the old file intact)."""
     if precision not in DTYPES:
         raise FinetuneError(f"kohya precision {precision!r}: choose one of {', '.join(DTYPES)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = peft_to_kohya(weights, DTYPES[precision])
-    handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=".kohya-", suffix=".safetensors")
-    os.close(handle)
-    try:
-        save_file(tensors, scratch, metadata=metadata)
-        os.replace(scratch, path)
-    finally:
-        if os.path.exists(scratch):
-            os.remove(scratch)
-    return path
+    return save_safetensors_atomically(peft_to_kohya(weights, DTYPES[precision]), path, metadata)

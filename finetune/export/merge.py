@@ -1,16 +1,13 @@
 """A full model with a LoRA fused in: a diffusers folder, or one original-layout .safetensors checkpoint."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
-
-from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..family import resolve_family
 from ..models import load_pipeline
+from ..storage import save_safetensors_atomically
 from .metadata import FAMILIES
 from .pipeline_lora import load_lora
 from .single_file import ldm_state_dict
@@ -30,18 +27,9 @@ def fuse_lora_into(base: ModelConfig, lora: str | Path, scale: float, out: str |
         pipe.save_pretrained(out, safe_serialization=True)
         return out
     state = ldm_state_dict(pipe, family)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(dir=out.parent, prefix=".fused-", suffix=".safetensors")
-    os.close(handle)
     # modelspec.* say what the file is (its architecture and prediction type, which the weights do not show)
     header = {"format": "pt", "finetune.lora": str(lora), "finetune.scale": str(scale),
               "finetune.base_model": base.pretrained, "finetune.family": family.name,
               "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": FAMILIES[family.name][1],
               "modelspec.prediction_type": "v" if family.prediction_type == "v_prediction" else "epsilon"}
-    try:
-        save_file(state, scratch, metadata=header)
-        os.replace(scratch, out)
-    finally:
-        if os.path.exists(scratch):
-            os.remove(scratch)
-    return out
+    return save_safetensors_atomically(state, out, header)
