@@ -2,7 +2,7 @@
 
 The run's start (output folder, resume point, photo screening), LoRA on the frozen model, each process's share of
 the sample order and its latents, the prompts' conditioning, and the optimizer with Accelerate's wrapping. The loop
-is finetune.training.loop; the end of a run (exports, card, upload) is finetune.export.finish.
+is finetune.training.loop; the end of a run (exports, card, upload) is finetune.training.finish.
 """
 from __future__ import annotations
 
