@@ -41,7 +41,10 @@ SAME_JOB = ["lora.unet_targets=all_attention"]
 OURS = {"custom": [*SAME_JOB, "train.mode=custom"], "fast": [*SAME_JOB, "train.mode=fast"],
         "low_memory": [*SAME_JOB, "train.mode=low_memory"],
         "fast_checkpointing": [*SAME_JOB, "train.mode=fast", "train.gradient_checkpointing=true"],
-        "fast_no_checkpointing": [*SAME_JOB, "train.mode=fast", "train.gradient_checkpointing=false"]}
+        "fast_no_checkpointing": [*SAME_JOB, "train.mode=fast", "train.gradient_checkpointing=false"],
+        "low_memory_draws": [*SAME_JOB, "train.mode=low_memory"]}
+# Variants that draw this many class images into an empty folder first: the drawing phase's time and memory.
+DRAWS = {"low_memory_draws": 4}
 PEER = {"default": ["--use_8bit_adam"], "checkpointing": ["--use_8bit_adam", "--gradient_checkpointing"]}
 
 
@@ -165,6 +168,16 @@ def run_end_to_end(arch: str, data: dict, steps: int, work: Path) -> dict:
     return result
 
 
+def run_drawing(arch: str, data: dict, steps: int, name: str, work: Path) -> dict:
+    """A variant that draws DRAWS[name] class images into an empty folder before it trains."""
+    fresh = work / f"class-{arch}-{name}"
+    subprocess.run(["rm", "-rf", str(fresh)], check=True)
+    overrides = [*OURS[name], f"prior.num_class_images={DRAWS[name]}"]
+    result = run_ours(arch, {**data, "classes": fresh}, steps, name, overrides, work)
+    result["class_images_made"] = len(list(fresh.glob("*.png")))
+    return result
+
+
 def run_peer(arch: str, data: dict, steps: int, name: str, flags: list[str], peer_dir: Path) -> dict:
     cmd = ["bash", str(peer_dir / "run_peer.sh"), arch, str(data["model"]), str(data["photos"]),
            str(data["classes"]), str(steps), name, *flags]
@@ -253,7 +266,8 @@ def main():
         for name in filter(None, args.peer.split(",")):
             record(run_peer(args.arch, data, args.steps, name, PEER[name], Path(args.peer_dir)))
     for name in filter(None, args.ours.split(",")):
-        record(run_ours(args.arch, data, args.steps, name, OURS[name], work))
+        record(run_ours(args.arch, data, args.steps, name, OURS[name], work) if name not in DRAWS else
+               run_drawing(args.arch, data, args.steps, name, work))
     if args.e2e_steps:
         record(run_end_to_end(args.arch, data, args.e2e_steps, work))
     rows = markdown_rows(args.arch, report["results"], meta)

@@ -8,8 +8,8 @@ arch=$1 steps=$2 out=$3
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 case $arch in
-  sdxl) ours=low_memory,fast_checkpointing peer=checkpointing e2e=() ;;
-  sd15) ours=low_memory,fast peer=default e2e=(--e2e-steps 500) ;;
+  sdxl) ours=${OURS:-low_memory,low_memory_draws,fast_checkpointing} peer=checkpointing e2e=() ;;
+  sd15) ours=${OURS:-low_memory,fast} peer=default e2e=(--e2e-steps 500) ;;
 esac
 python3 benchmarks/bench.py --arch "$arch" --steps "$steps" --ours "$ours" --peer "$peer" "${e2e[@]}" \
     --peer-dir .bench/reference --work /tmp/bench --out "$out/bench-$arch.json" --rows-to "$out/rows-$arch.md" \

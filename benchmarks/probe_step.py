@@ -21,16 +21,22 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from diffusers.training_utils import cast_training_params  # noqa: E402
+
 from finetune.config import LoraConfig  # noqa: E402
-from finetune.lora import add_unet_lora, keep_lora_fp32, lora_parameters  # noqa: E402
+from finetune.lora import add_unet_lora, lora_parameters  # noqa: E402
 
 VARIANTS = {  # name -> (frozen weight dtype, autocast dtype or None, optimizer, channels_last, checkpointing, compile)
+    # fp8 storage: diffusers' layerwise casting (frozen weights kept in float8_e4m3fn, each layer cast to bf16 for
+    # its forward), with checkpointing so the bf16 copies live one block at a time.
     "fp16_autocast_bnb8bit": (torch.float16, torch.float16, "bnb8bit", False, False, False),
     "bf16_autocast_bnb8bit": (torch.bfloat16, torch.bfloat16, "bnb8bit", False, False, False),
     "bf16_autocast_fused_adamw": (torch.bfloat16, torch.bfloat16, "fused", False, False, False),
     "bf16_channels_last_fused": (torch.bfloat16, torch.bfloat16, "fused", True, False, False),
     "bf16_checkpointing_fused": (torch.bfloat16, torch.bfloat16, "fused", False, True, False),
     "bf16_compile_fused": (torch.bfloat16, torch.bfloat16, "fused", False, False, True),
+    "fp8_storage_checkpointing_fused": (torch.float8_e4m3fn, None, "fused", False, True, False),
+    "bf16_checkpointing_noautocast_fused": (torch.bfloat16, None, "fused", False, True, False),
 }
 
 
@@ -40,8 +46,13 @@ def build(model: str, variant: tuple, rank: int):
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     unet.requires_grad_(False)
     add_unet_lora(unet, LoraConfig(rank=rank, alpha=float(rank), unet_targets="all_attention"))
-    unet.to("cuda", dtype)
-    keep_lora_fp32(unet)
+    if dtype == torch.float8_e4m3fn:
+        unet.to("cuda", torch.bfloat16)
+        unet.enable_layerwise_casting(storage_dtype=dtype, compute_dtype=torch.bfloat16,
+                                      skip_modules_pattern=("norm", "lora_", "time_embedding", "conv_in", "conv_out"))
+    else:
+        unet.to("cuda", dtype)
+    cast_training_params(unet, torch.float32)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     if checkpointing:
@@ -60,7 +71,8 @@ def make_step(unet, params, optimizer, autocast_dtype, scaler, compile_unet: boo
 
     def step(latents, embeddings, noise, timesteps):
         with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            prediction = forward(latents + noise, timesteps, embeddings).sample
+            noisy = latents + noise if autocast_dtype is not None else (latents + noise).to(torch.bfloat16)
+            prediction = forward(noisy, timesteps, embeddings).sample
         loss = F.mse_loss(prediction.float(), noise.float())
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -88,7 +100,8 @@ def run_variant(model: str, name: str, batch: int, size: int, steps: int, rank: 
     g = torch.Generator("cuda").manual_seed(0)
     fmt = torch.channels_last if variant[3] else torch.contiguous_format
     inputs = [(torch.randn(batch, 4, size, size, device="cuda", generator=g).to(memory_format=fmt),
-               torch.randn(batch, 77, unet.config.cross_attention_dim, device="cuda", generator=g, dtype=variant[0]),
+               torch.randn(batch, 77, unet.config.cross_attention_dim, device="cuda", generator=g,
+                           dtype=torch.bfloat16 if variant[0] == torch.float8_e4m3fn else variant[0]),
                torch.randn(batch, 4, size, size, device="cuda", generator=g).to(memory_format=fmt),
                torch.randint(0, 1000, (batch,), device="cuda", generator=g)) for _ in range(4)]
     first = time.perf_counter()

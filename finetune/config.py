@@ -130,7 +130,8 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
     # removes the per-op casts, fused AdamW steps every LoRA tensor in one kernel.
     "fast": {"train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "optimizer": "adamw"}},
     # Activations recomputed instead of stored, the frozen U-Net in 4 bits, 8-bit optimizer state.
-    "low_memory": {"model": {"quantize_unet": "nf4"},
+    # Class images one at a time: a batch's activations would set the run's peak.
+    "low_memory": {"model": {"quantize_unet": "nf4"}, "prior": {"generation_batch_size": 1, "generation_offload": True},
                    "train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "vae_tiling": True,
                              "expandable_segments": True,
                              "gradient_checkpointing": True, "optimizer": "adamw8bit"}},
@@ -300,8 +301,10 @@ class PriorConfig:
     num_class_images: int = option(100, "class images to train with; missing ones are generated (0 turns prior "
                                         "preservation off)")
     loss_weight: float = option(1.0, "weight of the class-image loss against the instance loss")
-    generation_batch_size: int = option(4, "class images generated per batch")
-    generation_steps: int = option(25, "sampler steps per generated class image")
+    generation_batch_size: int = option(8, "class images generated per batch (low_memory mode: 1)")
+    generation_steps: int = option(20, "sampler steps per generated class image")
+    generation_offload: bool = option(False, "draw class images with each model on the GPU only while it runs "
+                                             "(diffusers' model CPU offload; low_memory mode: on)")
     generation_scheduler: Sampler = option("dpm++", "sampler for class images: dpm++, ddim, euler, "
                                                               "euler_a, pndm or default")
     guidance_scale: float = option(7.5, "classifier-free guidance scale for class images")

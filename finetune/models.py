@@ -106,6 +106,24 @@ def load_nf4_unet(model: ModelConfig, compute_dtype: torch.dtype):
                             f"{reason}") from None
 
 
+TILE_PX = 512
+
+
+def tile_vae(vae, tile_px: int = TILE_PX) -> None:
+    """Encode and decode images larger than `tile_px` in overlapping tiles of that size (diffusers' tiled VAE,
+    whose default tile is the VAE's own sample size: 1024 px for SDXL's, which would never tile at 1024)."""
+    vae.enable_tiling()
+    vae.tile_sample_min_size = tile_px
+    vae.tile_latent_min_size = tile_px // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def free_gpu_cache() -> None:
+    """Hand the blocks PyTorch keeps cached back to the driver, so that the next phase's peak is its own (a block
+    a phase freed stays reserved, and counts on the card, until this)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def is_quantized(module: torch.nn.Module) -> bool:
     """Quantized weights keep their storage type: such a module may be moved but not cast."""
     return bool(getattr(module, "is_quantized", False))

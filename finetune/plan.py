@@ -1,12 +1,15 @@
 """`finetune plan`: estimate a run's peak GPU memory from the architecture and settings, before buying the card.
 
-A run has up to three peaks, and the largest counts:
-- class images (only if some are still to draw): the pipeline in half precision drawing a batch with guidance;
-- encoding: the U-Net already on the GPU, the text encoder(s) and the fp32 VAE encoding one image at a time;
-- training: the U-Net, LoRA with its gradients and optimizer state, and the activations kept for the backward pass.
-Weights are counted exactly from the model's configs (no weights are read). Activations and the VAE's working
-memory are per-sample constants measured on an H100 (BENCHMARKS.md, benchmarks/results/) and scaled by pixel count;
-CONTEXT_MIB is what nvidia-smi shows beyond PyTorch's own reservation (CUDA context, cuBLAS/cuDNN workspaces).
+A run's phases never share the GPU (each hands its cached memory back when it ends), so the largest one counts:
+- class images (only if some are still to draw): the pipeline in half precision drawing a batch with guidance,
+  the decoder taking one image at a time (in 512 px tiles with train.vae_tiling);
+- text encoding: the text encoder(s) alone;
+- latent encoding: the fp32 VAE alone, one image at a time (in 512 px tiles with train.vae_tiling);
+- training: the U-Net (arriving only now), LoRA with its gradients and optimizer state, and the activations kept
+  for the backward pass (with CUDA graphs, their pool).
+Weights are counted exactly from the model's configs (no weights are read). Activations and working memory are
+per-sample constants fitted on the H200 runs of 2026-12-01 (BENCHMARKS.md, benchmarks/results/) and scaled by pixel
+count; CONTEXT_MIB is what nvidia-smi shows beyond PyTorch's own reservation (CUDA context, cuBLAS/cuDNN workspaces).
 """
 from __future__ import annotations
 
@@ -18,14 +21,21 @@ from .config import load
 from .errors import FinetuneError
 
 MIB = 2**20
-CONTEXT_MIB = 700           # nvidia-smi minus torch's reserved peak: 695-855 MiB across the H100 runs
-VAE_ENCODE_MIB_512 = 1170   # the fp32 VAE encoder's working memory for one 512 px image
-GENERATE_MIB_512 = 1060     # drawing one class image at 512 px (two U-Net samples with guidance, then the decoder)
-# Activations kept for the backward pass, per sample: (without, with gradient checkpointing, at this many px),
-# bf16 with SDPA; keyed by the model family (finetune.family). SD: the SD1.5 probe
-# (benchmarks/probe_step.py). SDXL with checkpointing: the issue's H100 probe (7.04 GiB at batch 2 with 4.78 GiB of
-# weights); without: that plus the 6.8 GB the peer saves by checkpointing at batch 2.
-ACTIVATIONS_MIB = {"sd1": (1250, 372, 512), "sd2": (1250, 372, 512), "sdxl": (4550, 1156, 1024)}
+CONTEXT_MIB = 860           # nvidia-smi minus torch's reserved peak: 855-895 MiB in the H200 runs peaking in training
+VAE_ENCODE_MIB_512 = 1170   # the fp32 VAE encoder's working memory for one 512 px image (H100 and H200 alike)
+TILE_PX = 512               # finetune.models.TILE_PX: the tile of train.vae_tiling
+# Drawing class images, per 512 px image, bf16: the U-Net's working memory per image of a batch (with guidance)
+# and the decoder's for the one image it decodes at a time. Without slicing the two came to 1347 MiB per image
+# of a batch (H200 probe, batches 4, 8 and 16).
+GENERATE_UNET_MIB_512 = 150
+DECODE_MIB_512 = 1200
+# Activations kept for the backward pass, per sample at the family's native size (CUDA graphs' pool included), bf16
+# with SDPA, by model family (finetune.family): without checkpointing, with it, with it on a 4-bit U-Net. Fitted on
+# the training phases of the H200 runs (phase_peak_reserved_mib); an NF4 U-Net keeps less per sample with
+# checkpointing than a bf16 one there (852 against 1351 MiB for SDXL), so the two are separate constants. SD's
+# bf16-with-checkpointing figure is the NF4 one (not measured on its own); SDXL without checkpointing is the
+# earlier H100 estimate (the checkpointed figure plus the 6.8 GB the peer saves by checkpointing at batch 2).
+ACTIVATIONS_MIB = {"sd1": (1190, 550, 550, 512), "sd2": (1190, 550, 550, 512), "sdxl": (4550, 1351, 852, 1024)}
 HALF, FP32 = 2, 4
 
 
@@ -85,21 +95,26 @@ def unet_bytes(arch: Architecture, quantize: str, weight_bytes: int) -> float:
     return arch.unet_params * weight_bytes
 
 
-def estimate(arch: Architecture, train, model, lora, samples_per_step: int, class_images_to_draw: int,
-             generation_batch: int) -> dict:
+def estimate(arch: Architecture, train, model, lora, prior, samples_per_step: int, class_images_to_draw: int) -> dict:
     """Peak MiB of each phase and of the run (as nvidia-smi would show it) for these settings."""
     weight_bytes = FP32 if train.mixed_precision == "no" else HALF
     unet = unet_bytes(arch, model.quantize_unet, weight_bytes)
     pixels = (train.resolution / 512) ** 2
+    vae_pixels = (min(train.resolution, TILE_PX) / 512) ** 2 if train.vae_tiling else pixels
     phases = {}
     if class_images_to_draw:  # the pipeline in half precision, a batch of images with guidance
-        batch = min(generation_batch, class_images_to_draw)
-        phases["class_images"] = (unet_bytes(arch, model.quantize_unet, HALF) + (arch.text_encoder_params +
-                                  arch.vae_params) * HALF + GENERATE_MIB_512 * pixels * batch * MIB)
+        batch = min(prior.generation_batch_size, class_images_to_draw)
+        parts = (arch.text_encoder_params * HALF,
+                 unet_bytes(arch, model.quantize_unet, HALF) + GENERATE_UNET_MIB_512 * pixels * batch * MIB,
+                 arch.vae_params * HALF + DECODE_MIB_512 * vae_pixels * MIB)
+        # With prior.generation_offload each model is on the GPU only while it runs.
+        phases["class_images"] = max(parts) if prior.generation_offload else sum(parts)
     encoders = arch.text_encoder_params * weight_bytes
-    phases["encoding"] = unet + encoders + arch.vae_params * FP32 + VAE_ENCODE_MIB_512 * pixels * MIB
-    without, with_checkpointing, reference_px = ACTIVATIONS_MIB[arch.family]
-    per_sample = with_checkpointing if train.gradient_checkpointing else without
+    phases["text_encoding"] = encoders
+    phases["latent_encoding"] = arch.vae_params * FP32 + VAE_ENCODE_MIB_512 * vae_pixels * MIB
+    without, with_checkpointing, quantized_checkpointing, reference_px = ACTIVATIONS_MIB[arch.family]
+    per_sample = without if not train.gradient_checkpointing else (
+        quantized_checkpointing if model.quantize_unet != "none" else with_checkpointing)
     activations = per_sample * (train.resolution / reference_px) ** 2 * samples_per_step * MIB
     lora_params = sum(lora.rank * (i + o) for i, o in arch.target_linear_shapes)
     lora_total = lora_params * (FP32 + FP32 + (2 if train.optimizer == "adamw8bit" else 8))  # weights, grads, state
@@ -107,6 +122,7 @@ def estimate(arch: Architecture, train, model, lora, samples_per_step: int, clas
     phases["training"] = unet + lora_total + activations + (encoders if encoders_resident else 0)
     result = {f"{name}_mib": round(value / MIB) for name, value in phases.items()}
     result["peak_mib"] = round(max(phases.values()) / MIB + CONTEXT_MIB)
+    result["peak_phase"] = max(phases, key=lambda name: phases[name])
     return result
 
 
@@ -117,8 +133,7 @@ def samples_per_step(cfg) -> int:
 
 def estimate_config(cfg, arch: Architecture) -> dict:
     """estimate() for a recipe config as `finetune train` would run it."""
-    return estimate(arch, cfg.train, cfg.model, cfg.lora, samples_per_step(cfg), class_images_to_draw(cfg),
-                    cfg.prior.generation_batch_size)
+    return estimate(arch, cfg.train, cfg.model, cfg.lora, cfg.prior, samples_per_step(cfg), class_images_to_draw(cfg))
 
 
 def class_images_to_draw(cfg) -> int:
@@ -135,9 +150,7 @@ def class_images_to_draw(cfg) -> int:
 CANDIDATES = [("train.mode=fast", ["train.mode=fast", "train.gradient_checkpointing=false"]),
               ("train.mode=fast train.gradient_checkpointing=true",
                ["train.mode=fast", "train.gradient_checkpointing=true"]),
-              ("train.mode=low_memory", ["train.mode=low_memory"]),
-              ("train.mode=low_memory prior.generation_batch_size=1",
-               ["train.mode=low_memory", "prior.generation_batch_size=1"])]
+              ("train.mode=low_memory", ["train.mode=low_memory"])]
 
 
 def plan_report(config_class: type, config_path: str, overrides: list[str], gpu_mib: float) -> tuple[str, dict]:

@@ -70,7 +70,8 @@ def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
     # 1. Prior preservation: class images drawn by the base model, before any LoRA touches it.
     with phase("class images"):
         classes = ensure_class_images(run.accelerator, pipe, cfg.data, cfg.prior, cfg.train.resolution,
-                                      cfg.train.seed, load_unet=lambda: ensure_unet(pipe, cfg.model, run.dtype))
+                                      cfg.train.seed, load_unet=lambda: ensure_unet(pipe, cfg.model, run.dtype),
+                                      vae_tiling=cfg.train.vae_tiling)
 
     # 2. Encode once: every prompt training can see (text encoders on the GPU, then off), then the photos this
     #    process reads (the VAE on the GPU, then off): its share of the one global sample order, from where a

@@ -110,6 +110,9 @@ def generate_class_images(pipe, folder: str | Path, prompt: str, prior: PriorCon
         return 0
     set_scheduler(pipe, prior.generation_scheduler, "prior.generation_scheduler")
     pipe.set_progress_bar_config(disable=True)
+    # One image through the decoder at a time: drawing 8 at a time at 512 px reserved 11.7 GiB without this
+    # (BENCHMARKS.md, class images), and the decoder's working memory is what grows with the batch.
+    pipe.vae.enable_slicing()
     advice = ("the class images written before are intact and will be reused: free disk space or fix "
               "permissions, then run again")
     # PNG encoding runs on a second thread while the GPU draws the next batch; a failed write (a full disk)

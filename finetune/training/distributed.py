@@ -22,7 +22,7 @@ from ..data.class_images import generate_class_images, generation_dtype, missing
 from ..data.dataset import Example, class_examples
 from ..errors import FinetuneError
 from ..lora import lora_state
-from ..models import is_quantized
+from ..models import free_gpu_cache, is_quantized, tile_vae
 
 log = logging.getLogger("finetune")
 
@@ -41,12 +41,14 @@ def class_image_share(accelerator: Accelerator, folder: str | Path, wanted: int)
 
 
 def ensure_class_images(accelerator: Accelerator, pipe, data: DataConfig, prior: PriorConfig, resolution: int,
-                        seed: int, load_unet: Callable[[], object] = lambda: None) -> list[Example]:
+                        seed: int, load_unet: Callable[[], object] = lambda: None,
+                        vae_tiling: bool = False) -> list[Example]:
     """Generate the missing class images, each process its share; all wait until the set is complete. Returns
     the class examples to train with (none when prior.num_class_images is 0: prior preservation off).
 
     Drawing puts the pipeline on the GPU (`load_unet` first brings a deferred U-Net) and takes it off again, so
-    the phases after it start from an empty GPU."""
+    the phases after it start from an empty GPU; with `vae_tiling` (train.vae_tiling) the decoder works in tiles
+    here too."""
     if not prior.num_class_images:
         return []
     if not data.class_dir:
@@ -57,9 +59,11 @@ def ensure_class_images(accelerator: Accelerator, pipe, data: DataConfig, prior:
     missing, share = class_image_share(accelerator, data.class_dir, prior.num_class_images)
     if missing:
         load_unet()
-        pipe.to(accelerator.device, generation_dtype(accelerator.device, accelerator.mixed_precision))
+        place_for_drawing(pipe, accelerator, prior.generation_offload, vae_tiling)
         generate_class_images(pipe, data.class_dir, data.class_prompt, prior, resolution, seed, accelerator.device,
                               share)
+        if prior.generation_offload:
+            pipe.remove_all_hooks()
         pipeline_off_gpu(pipe)
     accelerator.wait_for_everyone()
     if missing:
@@ -67,13 +71,34 @@ def ensure_class_images(accelerator: Accelerator, pipe, data: DataConfig, prior:
     return class_examples(data.class_dir, data.class_prompt, prior.num_class_images)
 
 
-def pipeline_off_gpu(pipe) -> None:
-    """Every module of the pipeline back on the CPU (a 4-bit U-Net stays: its weights cannot leave the GPU)."""
+def place_for_drawing(pipe, accelerator: Accelerator, offload: bool, vae_tiling: bool) -> None:
+    """The pipeline in half precision on the GPU; with `offload` each model goes there only while it runs (the
+    text encoders, 1.5 GiB for SDXL, are then off the GPU while the U-Net draws)."""
+    dtype = generation_dtype(accelerator.device, accelerator.mixed_precision)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module) and not is_quantized(module):
-            module.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+            module.to(dtype=dtype)
+    if offload and accelerator.device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=accelerator.device)
+    else:
+        pipe.to(accelerator.device)
+    if vae_tiling:
+        tile_vae(pipe.vae)
+
+
+def pipeline_off_gpu(pipe) -> None:
+    """Every module of the pipeline off the GPU, so that encoding starts from an empty card.
+
+    A 4-bit U-Net is let go instead of moved (its quantized weights are tied to the GPU): the pipeline forgets it
+    and models.ensure_unet loads it again after encoding, which costs a second or two on the figures in
+    BENCHMARKS.md, against holding 1.8 GiB (SDXL) through both encoding phases."""
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            if is_quantized(module):
+                pipe.register_modules(**{name: None})
+            else:
+                module.to("cpu")
+    free_gpu_cache()
 
 
 def report_class_images(accelerator: Accelerator, folder: str | Path, wanted: int, share: list[int]) -> None:

@@ -23,7 +23,7 @@ from ..data.captions import possible_prompts
 from ..data.dataset import BatchPlan, Example, LatentSource, SampleOrder, cache_keys, plan_batch
 from ..data.screening import PhotoReport
 from ..lora import add_text_encoder_lora, add_unet_lora, lora_parameters
-from ..models import freeze, is_quantized
+from ..models import free_gpu_cache, freeze, is_quantized, tile_vae
 from .accelerator import flat_hparams, make_accelerator, weight_dtype
 from .checkpoint import load_checkpoint, register_lora_only_saving
 from .conditioning import ModelKind
@@ -88,6 +88,7 @@ def encode_prompts(kind: ModelKind, pipe, examples: list[Example], cfg, run: Run
     conditioning = kind.conditioning(pipe, encoders, cached, run.device)
     for encoder in encoders:
         encoder.to("cpu")
+    free_gpu_cache()  # the VAE comes next, and with it the encoding phase's peak
     return conditioning
 
 
@@ -98,24 +99,14 @@ def encode_latents(vae, examples: list[Example], plans: list[BatchPlan], cfg, ru
     freeze(vae)
     vae.to(run.device, torch.float32)
     if cfg.train.vae_tiling:
-        tile_vae(vae, TILE_PX)
+        tile_vae(vae)
     cache = cfg.train.cache_latents and cfg.data.center_crop
     latents = LatentSource(vae, examples, cfg.train.resolution, cache, cfg.data.random_flip, run.device,
                            keys=cache_keys(plans))
     if cache:
         vae.to("cpu")  # done with it: free the GPU memory
+        free_gpu_cache()
     return latents
-
-
-TILE_PX = 512
-
-
-def tile_vae(vae, tile_px: int) -> None:
-    """Encode and decode images larger than `tile_px` in overlapping tiles of that size (diffusers' tiled VAE,
-    whose default tile is the VAE's own sample size: 1024 px for SDXL's, which would never tile at 1024)."""
-    vae.enable_tiling()
-    vae.tile_sample_min_size = tile_px
-    vae.tile_latent_min_size = tile_px // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def add_lora(pipe, kind: ModelKind, lora: LoraConfig, train: TrainConfig, run: Run) -> dict[str, torch.nn.Module]:

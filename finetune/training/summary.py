@@ -10,6 +10,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from ..models import free_gpu_cache
+
 log = logging.getLogger("finetune")
 
 
@@ -37,6 +39,7 @@ class PhaseClock:
         if cuda:
             torch.cuda.synchronize(self.device)
             self.peak_mib[phase] = round(torch.cuda.max_memory_reserved(self.device) / 2**20)
+            free_gpu_cache()  # what this phase left cached would otherwise add to the next one's peak
         self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - started, 2)
         memory = f", peak {self.peak_mib[phase]} MiB reserved" if cuda else ""
         log.info("%s: %.1f s%s", phase, time.perf_counter() - started, memory)

@@ -45,6 +45,7 @@ def spy_on_moves(monkeypatch, events: list, nf4_unet_from=None):
 
         def fake_nf4(model, compute_dtype):
             unet = UNet2DConditionModel.from_pretrained(nf4_unet_from, subfolder="unet")
+            unet.is_quantized = True  # as diffusers marks a 4-bit model: it may be moved, never cast
             events.append(("unet", "loaded"))
             watch(unet, "unet")
             return unet
@@ -99,6 +100,10 @@ def test_a_deferred_4bit_unet_arrives_after_encoding_or_before_drawing(tiny_sd1,
     assert code == 0, err
     assert first(events, ("unet", "loaded")) < first(events, ("phase", "encoding"))
     assert ("unet", "loaded") not in events[:first(events, ("phase", "class images"))]
+    # ... and let go after drawing (4-bit weights are not moved to the CPU), loaded again only after encoding.
+    lora_phase = first(events, ("phase", "LoRA and optimizer"))
+    assert events.count(("unet", "loaded")) == 2 and ("unet", "loaded") in events[lora_phase:]
+    assert ("unet", "on") not in events[first(events, ("phase", "encoding")):lora_phase]
 
     events.clear()  # the class images exist now: no drawing, so the U-Net is loaded only after encoding
     code, _, err = run_cli("train", SD15, *overrides, f"output_dir={tmp_path / 'second'}")
@@ -107,11 +112,68 @@ def test_a_deferred_4bit_unet_arrives_after_encoding_or_before_drawing(tiny_sd1,
     assert events.count(("unet", "loaded")) == 1
 
 
+def test_each_phase_hands_its_cached_gpu_memory_back_before_the_next(monkeypatch):
+    """PhaseClock on a (pretend) CUDA device: the peak is read, then the cache emptied, at the end of each phase."""
+    from finetune.training.summary import PhaseClock
+    calls: list = []
+    reserved = iter([1000 * 2**20, 3000 * 2**20])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: calls.append("peak") or next(reserved))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
+    clock = PhaseClock(torch.device("cuda"))
+    with clock("encoding"):
+        calls.append("work")
+    with clock("training"):
+        calls.append("work")
+    assert calls == ["reset", "work", "peak", "empty"] * 2
+    assert clock.summary()["phase_peak_reserved_mib"] == {"encoding": 1000, "training": 3000}
+
+
+def test_low_memory_draws_class_images_one_at_a_time_with_models_offloaded(tiny_sd1, monkeypatch):
+    """prior.generation_offload on a GPU: diffusers' model CPU offload instead of the whole pipeline on the card;
+    the VAE decodes in tiles with train.vae_tiling, and always one image at a time."""
+    from diffusers import StableDiffusionPipeline
+
+    from finetune.cli import load_recipe_config
+    from finetune.training.distributed import place_for_drawing
+    _, cfg = load_recipe_config(SD15, ["train.mode=low_memory"])
+    assert cfg.prior.generation_batch_size == 1 and cfg.prior.generation_offload
+    _, default = load_recipe_config(SD15, [])
+    assert default.prior.generation_batch_size == 8 and not default.prior.generation_offload
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1, safety_checker=None)
+    placed: list = []
+    monkeypatch.setattr(pipe, "enable_model_cpu_offload", lambda device=None: placed.append(("offload", device)))
+    monkeypatch.setattr(pipe, "to", lambda *args, **kwargs: placed.append(("to", args)))
+    gpu = type("Accelerator", (), {"device": torch.device("cuda"), "mixed_precision": "bf16"})()
+    place_for_drawing(pipe, gpu, offload=True, vae_tiling=True)
+    assert placed == [("offload", torch.device("cuda"))] and pipe.vae.use_tiling
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.bfloat16  # drawn in half precision
+    placed.clear()
+    place_for_drawing(pipe, gpu, offload=False, vae_tiling=False)
+    assert placed == [("to", (torch.device("cuda"),))]
+
+
+def test_class_images_decode_one_image_at_a_time(tiny_sd1, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from finetune.config import PriorConfig
+    from finetune.data.class_images import generate_class_images
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1, safety_checker=None)
+    batches = []
+    pipe.vae.decoder.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    prior = PriorConfig(num_class_images=3, generation_batch_size=3, generation_steps=1)
+    assert generate_class_images(pipe, tmp_path, "a dog", prior, 64, 0, torch.device("cpu")) == 3
+    assert batches == [1, 1, 1] and len(list(tmp_path.glob("class-*.png"))) == 3
+
+
 def test_tiled_vae_encodes_in_overlapping_tiles(tiny_sd1):
     """tile_vae(vae, 32) on a 64 px image: tiles start every 24 px (a quarter overlap), so 3 x 3 encoder calls."""
     from diffusers import AutoencoderKL
 
-    from finetune.training.dreambooth import tile_vae
+    from finetune.models import tile_vae
     vae = AutoencoderKL.from_pretrained(tiny_sd1, subfolder="vae")
     calls = []
     vae.encoder.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape[-2:])))
