@@ -296,6 +296,9 @@ class DataConfig:
         check(0 <= self.caption_dropout <= 1, "data.caption_dropout", "must be in [0, 1]")
         check(self.keep_tags >= 0, "data.keep_tags", "must be 0 or more")
         check(0 <= self.mask_weight <= 1, "data.mask_weight", "must be in [0, 1]")
+        check(not (self.masks and self.dataset), "data.masks", "masks are matched to photos by file name, which "
+                                                               "data.dataset rows do not have; use data.instance_dir "
+                                                               "with data.masks")
         check(len(self.caption_extension) > 1 and self.caption_extension.startswith(".") and
               "/" not in self.caption_extension, "data.caption_extension", "must be a file ending such as .txt")
 

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from ..data.captions import caption_source, warn_long_prompts
 from ..data.class_images import ClassFolderReport, remove_broken_class_images, screen_class_images
 from ..data.dataset import Example, instance_examples
+from ..data.masks import attach_masks
 from ..data.screening import PhotoReport, screen_photos
 from ..errors import FinetuneError
 from ..export.diffusers_format import WEIGHT_NAME, finetune_metadata
@@ -62,6 +63,7 @@ def validate_run(cfg, num_processes: int = 1, main_process: bool = True) -> Chec
         check_init_lora(cfg.lora, cfg.model)
     instance, photos = screen_photos(instance_examples(data), train.resolution, data.on_bad_image, data.buckets,
                                      data.allow_upscale)
+    instance = attach_masks(instance, data)  # data.masks: one per photo, each checked now
     if main_process:
         check_prompt_lengths(instance, cfg)
     class_images = screen_class_images(data.class_dir) if cfg.prior.num_class_images else ClassFolderReport()
