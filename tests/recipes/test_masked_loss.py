@@ -6,14 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image
+from safetensors.torch import load_file
 
 from finetune.data.dataset import Example, load_pixels
 from finetune.data.masks import MaskSource, load_mask
+from finetune.run_files import NO_EMA_WEIGHT_NAME
 from finetune.training import loss as loss_module
-from tests.helpers import tiny_overrides
+from tests.helpers import add_wide_photo, sdxl_overrides, tiny_overrides
 
 SD15 = "recipes/configs/sd15_dreambooth_lora.yaml"
+SDXL = "recipes/configs/sdxl_dreambooth_lora.yaml"
 
 
 def subject_photos(folder, photos, size=(64, 64)) -> list[str]:
@@ -151,3 +155,34 @@ def test_alpha_channel_is_the_mask(tiny_sd1, photos, tmp_path, run_cli, spy):
     want = torch.full((8, 8), 0.1)
     want[:4] = 1.0
     torch.testing.assert_close(weights, want, rtol=0, atol=1e-6)
+
+
+def test_sdxl_trains_with_masks_in_buckets_and_an_ema_of_both_text_encoders(tiny_sdxl, photos, tmp_path, run_cli,
+                                                                           spy):
+    """The SDXL recipe takes both features through the shared loop: masked loss on its bucketed photos, and the
+    EMA over U-Net and both text encoders' LoRA, the trained weights beside it, both loadable by diffusers."""
+    add_wide_photo(photos)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for photo in sorted(photos.glob("*.jpg")):
+        width, height = Image.open(photo).size
+        array = np.zeros((height, width), dtype=np.uint8)
+        array[:, : width // 2] = 255  # the left half is the subject
+        Image.fromarray(array, mode="L").save(masks / f"{photo.stem}.png")
+    code, _, err = run_cli("train", SDXL, *sdxl_overrides(tiny_sdxl, photos, tmp_path, **{
+        "lora.text_encoder": "true", "lora.rank": 2, "lora.alpha": 4, "train.learning_rate": 5e-2,
+        "train.ema_decay": 0.5, "data.masks": masks, "data.mask_weight": 0.25, "train.max_steps": 4}))  # an epoch
+    assert code == 0, err
+    for call in spy:  # every batch is masked, in its bucket's latent shape; the right half weighs 0.25
+        weights = call["pixel_weights"]
+        assert weights.shape[-2:] == call["prediction"].shape[-2:]
+        assert torch.allclose(weights[..., -1], torch.tensor(0.25)) and torch.allclose(weights[..., 0], torch.ones(1))
+    assert {tuple(c["prediction"].shape[-2:]) for c in spy} >= {(8, 24)}  # the wide photo's bucket, 192x64
+    run = tmp_path / "run"
+    ema, raw = load_file(run / "pytorch_lora_weights.safetensors"), load_file(run / NO_EMA_WEIGHT_NAME)
+    assert ema.keys() == raw.keys() and {k.split(".")[0] for k in ema} == {"unet", "text_encoder", "text_encoder_2"}
+    for part in ("unet.", "text_encoder.", "text_encoder_2."):
+        assert any(not torch.equal(ema[k], raw[k]) for k in ema if k.startswith(part) and ".up." in k), part
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.load_lora_weights(run, weight_name=NO_EMA_WEIGHT_NAME)
+    pipe.load_lora_weights(run, adapter_name="ema")  # the EMA file, by its default name
