@@ -43,10 +43,10 @@ class LoraEMA:
     def applied(self) -> Iterator[None]:
         """The EMA weights in the model for the block, then the trained weights back exactly (a copy, not a
         recomputation). Nested uses swap once."""
-        self._applied += 1
-        if self._applied == 1:
+        if self._applied == 0:
             self.average.store(self.params)
             self.average.copy_to(self.params)
+        self._applied += 1
         try:
             yield
         finally:
