@@ -287,11 +287,19 @@ class DataConfig:
     dataset_split: str = option("train", "the split of data.dataset to train on")
     image_column: str = option("image", "data.dataset column holding the images")
     caption_column: str | None = option(None, "data.dataset column holding captions (unset: the instance prompt)")
+    masks: str | None = option(None, "folder of loss masks, one per photo with the photo's file stem (white = "
+                                     "subject, black = background), or `alpha` for each photo's alpha channel")
+    mask_weight: float = option(0.0, "with masks: the loss weight of the background (black); the subject (white) "
+                                     "has 1, grey in between; class images are unmasked")
 
     def __post_init__(self):
         check(self.repeats >= 1, "data.repeats", "must be at least 1")
         check(0 <= self.caption_dropout <= 1, "data.caption_dropout", "must be in [0, 1]")
         check(self.keep_tags >= 0, "data.keep_tags", "must be 0 or more")
+        check(0 <= self.mask_weight <= 1, "data.mask_weight", "must be in [0, 1]")
+        check(not (self.masks and self.dataset), "data.masks", "masks are matched to photos by file name, which "
+                                                               "data.dataset rows do not have; use data.instance_dir "
+                                                               "with data.masks")
         check(len(self.caption_extension) > 1 and self.caption_extension.startswith(".") and
               "/" not in self.caption_extension, "data.caption_extension", "must be a file ending such as .txt")
 
@@ -384,6 +392,11 @@ class TrainConfig:
                                   "with fp32 LoRA (fewer casts, faster)")
     cuda_graphs: bool = option(False, "replay the U-Net's forward and backward as CUDA graphs (needs autocast "
                                       "false; one GPU, one batch shape)")
+    ema_decay: float = option(0.0, "keep an EMA of the LoRA weights with this decay, e.g. 0.99 (0: off); the EMA "
+                                   "is drawn and exported, the trained weights are saved beside it")
+    ema_device: Literal["accelerator", "cpu"] = option(
+        "accelerator", "where the EMA is kept between steps: accelerator (the training device) or cpu (saves its "
+                       "memory there; the same numbers)")
 
     def __post_init__(self):
         for key in ("max_steps", "batch_size", "gradient_accumulation", "resolution", "log_every", "max_bad_steps"):
@@ -395,6 +408,7 @@ class TrainConfig:
         check(self.weight_decay >= 0, "train.weight_decay", "must be 0 or more")
         check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 (no clipping) or positive")
         check(self.resolution % 8 == 0, "train.resolution", "must be a multiple of 8")
+        check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 turns the EMA off)")
         check(not (self.cuda_graphs and self.autocast), "train.cuda_graphs",
               "needs train.autocast=false (autocast's weight cache cannot be replayed by a graph)")
 

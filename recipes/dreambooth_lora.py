@@ -99,7 +99,7 @@ def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
     unet_call = training_unet_call(training.models["unet"], run.dtype, cfg, run.accelerator, plans)
     objective = DreamBoothObjective(unet_call, training_scheduler(pipe), latents, conditioning, examples, cfg,
                                     run.device)
-    exporter = RunExporter(cfg, pipe, kind.pipeline_class, training.lora_models, run, recipe)
+    exporter = RunExporter(cfg, pipe, kind.pipeline_class, training.lora_models, run, recipe, training.ema)
     checkpointer = Checkpointer(cfg, run, exporter.write)
     validator = Validator(cfg.validation, run.accelerator, pipe, list(training.lora_models.values()),
                           cfg.output_dir, cfg.train.resolution, validation_scorer(cfg, run.instance, run.accelerator))

@@ -145,6 +145,25 @@ def hold_lock(env: Env) -> None:
     env.values["holder"] = proc.pid
 
 
+def masks(*, skip: str = "", wrong_shape: str = "", also: tuple[str, str] | None = None) -> Callable[[Env], None]:
+    """A masks folder with a white mask per photo of the photo's size, but for `skip` (none), `wrong_shape` (half
+    as tall) and `also` ((name, bytes): one more file)."""
+    def setup(env: Env) -> None:
+        folder = env.tmp / "masks"
+        folder.mkdir()
+        for photo in sorted(env.photos.glob("*.jpg")):
+            width, height = Image.open(photo).size
+            if photo.stem == skip:
+                continue
+            if photo.stem == wrong_shape:
+                height = height // 2
+                env.values.update(w=width, h=height * 2, mh=height)
+            Image.new("L", (width, height), 255).save(folder / f"{photo.stem}.png")
+        if also:
+            (folder / also[0]).write_bytes(also[1])
+    return setup
+
+
 def class_dir_is_photos(env: Env) -> None:
     (env.tmp / "alias").symlink_to(env.photos)
 
@@ -297,6 +316,40 @@ ROWS = [
     Row("an override where the config belongs", cli("train", "train.max_steps=5"),
         "train.max_steps=5: config file not found (it looks like an override: the config file comes first); pass "
         "the path of a YAML file (see recipes/configs/)"),
+
+    # 5b. Issue 17: EMA and loss masks, checked before anything is written.
+    Row("ema decay of 1", train("train.ema_decay=1"), "train.ema_decay: must be in [0, 1) (0 turns the EMA off)"),
+    Row("unknown ema device", train("train.ema_device=gpu"), "train.ema_device: 'gpu' is not one of accelerator, cpu"),
+    Row("resume with EMA added", train(ON_RUN, "train.resume=latest", "train.max_steps=4", "train.ema_decay=0.9"),
+        "train.resume: {run}/checkpoints/step-000003 was trained with no EMA (train.ema_decay=0), this run sets "
+        "train.ema_decay=0.9; resume with the checkpoint's setting, or start afresh (train.overwrite=true or another "
+        "output_dir)"),
+    Row("mask weight above 1", train("data.masks={tmp}/masks", "data.mask_weight=1.5"),
+        "data.mask_weight: must be in [0, 1]"),
+    Row("masks folder that is not there", train("data.masks={tmp}/maskz"),
+        "data.masks: folder {tmp}/maskz does not exist; create it or fix the path (or data.masks=alpha for the "
+        "photos' alpha channel)"),
+    Row("masks folder is the photo folder", train("data.masks={photos}"),
+        "data.masks and data.instance_dir are the same folder ({photos}); put the masks in a folder of their own, "
+        "each named like its photo"),
+    Row("a photo without a mask", train("data.masks={tmp}/masks"),
+        "data.masks: no mask for {photos}/cat_2.jpg in {tmp}/masks (a mask has the photo's file stem, e.g. "
+        "cat_2.png); add one (white = subject), or drop data.masks", masks(skip="cat_2")),
+    Row("two masks for one photo", train("data.masks={tmp}/masks"),
+        "data.masks: {tmp}/masks/cat_1.jpg and {tmp}/masks/cat_1.png are both masks for {photos}/cat_1.jpg; keep one",
+        masks(also=("cat_1.jpg", b"a second mask"))),
+    Row("a mask that does not decode", train("data.masks={tmp}/masks"),
+        "{tmp}/masks/cat_0.png: not a readable image (<any>); replace or remove the file",
+        masks(skip="cat_0", also=("cat_0.png", b"not a png"))),
+    Row("a mask of another aspect ratio", train("data.masks={tmp}/masks"),
+        "{tmp}/masks/cat_3.png: {w}x{mh} pixels, but its photo {photos}/cat_3.jpg is {w}x{h}; a mask must have its "
+        "photo's aspect ratio (save it at the photo's size)", masks(wrong_shape="cat_3")),
+    Row("alpha masks from photos without alpha", train("data.masks=alpha"),
+        "{photos}/cat_0.jpg: has no alpha channel, but data.masks=alpha takes the loss mask from it; save it with "
+        "transparency (PNG, WebP), or give data.masks a folder of masks"),
+    Row("masks with a datasets folder", train("data.instance_dir=", "data.dataset={photos}", "data.masks=alpha"),
+        "data.masks: masks are matched to photos by file name, which data.dataset rows do not have; use "
+        "data.instance_dir with data.masks"),
 
     # 6. Photos: decode errors land in data.on_bad_image; formats Pillow reads are read; junk is ignored, not fatal.
     Row("a decompression bomb", train(), "{photos}/bomb.png: not decoded, too many pixels (Image size (400000000 "

@@ -17,6 +17,7 @@ from ..errors import FinetuneError
 from .buckets import Size, bucket_batch
 from .captions import batch_prompts, example_prompt, find_caption
 from .images import list_images, open_rgb, resize_and_crop, to_tensor
+from .masks import MaskSource, load_mask, to_latent_grid
 
 INSTANCE_STREAM, CLASS_STREAM, AUGMENT_STREAM, CAPTION_STREAM, NOISE_STREAM = 1, 2, 3, 4, 10
 
@@ -26,6 +27,7 @@ class Example:
     path: Path | str                  # the photo, or `dataset[row]` for a row of a `datasets` dataset
     prompt: str
     loader: Callable[[], Image.Image] | None = field(default=None, compare=False, repr=False)
+    mask: MaskSource | None = field(default=None, compare=False)  # data.masks: its loss mask (finetune.data.masks)
 
     def open(self) -> Image.Image:
         return self.loader() if self.loader is not None else open_rgb(self.path)
@@ -205,7 +207,8 @@ class LatentSource:
         self.vae, self.examples, self.resolution, self.device = vae, examples, resolution, device
         self.scale = vae.config.scaling_factor
         self.shift = getattr(vae.config, "shift_factor", None) or 0.0
-        self.cache: dict[tuple[int, bool, Size], tuple[torch.Tensor, torch.Tensor, Geometry]] = {}
+        # (example, flip, size) -> (latent mean, std, geometry, loss mask on the latent grid or None)
+        self.cache: dict[tuple[int, bool, Size], tuple[torch.Tensor, torch.Tensor, Geometry, torch.Tensor | None]] = {}
         if cache:
             if keys is None:
                 keys = {(i, f, None) for i in range(len(examples)) for f in ((False, True) if flips else (False,))}
@@ -213,8 +216,8 @@ class LatentSource:
             # One image per VAE call: a latent must not depend on which others share its batch (float results
             # do), or a process's share, or a resumed run, would encode the same photo slightly differently.
             for i, f, size in tqdm(todo, desc="caching latents", leave=False, disable=len(todo) <= 8):
-                mean, std, geometry = self._load_and_encode([i], [f], [(0.5, 0.5)], size)
-                self.cache[(i, f, size)] = (mean[0], std[0], geometry[0])
+                mean, std, geometry, masks = self._load_and_encode([i], [f], [(0.5, 0.5)], size)
+                self.cache[(i, f, size)] = (mean[0], std[0], geometry[0], masks[0])
 
     def size(self, size: Size | None) -> Size:
         return size or (self.resolution, self.resolution)
@@ -222,7 +225,19 @@ class LatentSource:
     def _load_and_encode(self, indices, flips, corners, size: Size):
         loaded = [load_pixels(self.examples[i], size, f, c) for i, f, c in zip(indices, flips, corners)]
         mean, std = self._encode([pixels for pixels, _ in loaded])
-        return mean, std, [geometry for _, geometry in loaded]
+        geometries = [geometry for _, geometry in loaded]
+        latent_size = (mean.shape[-2], mean.shape[-1])
+        masks = [self._latent_mask(self.examples[i], g, size, f, c, latent_size)
+                 for i, g, f, c in zip(indices, geometries, flips, corners)]
+        return mean, std, geometries, masks
+
+    def _latent_mask(self, example: Example, geometry: Geometry, size: Size, flip: bool, corner,
+                     latent_size: tuple[int, int]) -> torch.Tensor | None:
+        """The example's loss mask through its photo's crop and flip, on the latent grid (None: no mask)."""
+        if example.mask is None:
+            return None
+        photo_size = (geometry[1], geometry[0])  # geometry starts with the photo's (height, width)
+        return to_latent_grid(load_mask(example.mask, photo_size, size, flip, corner), latent_size).to(self.device)
 
     @torch.no_grad()
     def _encode(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,15 +255,21 @@ class LatentSource:
                              generators: list[torch.Generator], size: Size | None = None
                              ) -> tuple[torch.Tensor, list[Geometry]]:
         """Latents and, per sample, (original h, w, crop top, left, target h, w): SDXL's size conditioning."""
+        latents, geometry, _ = self.sample_batch(indices, flips, corners, generators, size)
+        return latents, geometry
+
+    def sample_batch(self, indices: list[int], flips: list[bool], corners, generators: list[torch.Generator],
+                     size: Size | None = None) -> tuple[torch.Tensor, list[Geometry], list[torch.Tensor | None]]:
+        """sample_with_geometry, and each sample's loss mask on the latent grid (None for one without a mask)."""
         size = self.size(size)
         if self.cache:
             rows = [self.cache[(i, f, size)] for i, f in zip(indices, flips)]
             mean, std = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-            geometry = [r[2] for r in rows]
+            geometry, masks = [r[2] for r in rows], [r[3] for r in rows]
         else:
-            mean, std, geometry = self._load_and_encode(indices, flips, corners, size)
+            mean, std, geometry, masks = self._load_and_encode(indices, flips, corners, size)
         noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g, device=mean.device) for g in generators])
-        return (mean + std * noise - self.shift) * self.scale, geometry
+        return (mean + std * noise - self.shift) * self.scale, geometry, masks
 
 
 class PromptEmbeddings:

@@ -26,14 +26,16 @@ def diffusers_layers(model) -> dict:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
 
 
-def save_diffusers_lora(folder: str | Path, pipeline_class, unet, text_encoders: dict, info: dict) -> Path:
-    """Write folder/pytorch_lora_weights.safetensors for `unet` and the LoRA-carrying text encoders.
+def save_diffusers_lora(folder: str | Path, pipeline_class, unet, text_encoders: dict, info: dict,
+                        weight_name: str = WEIGHT_NAME) -> Path:
+    """Write folder/pytorch_lora_weights.safetensors (or `weight_name`) for `unet` and the LoRA-carrying text
+    encoders.
 
     `text_encoders` maps the pipeline's attribute name ('text_encoder', 'text_encoder_2') to a model with LoRA;
     `info` (base model, trigger, steps, ...) goes into the header under finetune.* keys.
     """
     models = {"unet": unet, **text_encoders}
-    return save_diffusers_layers(Path(folder) / WEIGHT_NAME, pipeline_class,
+    return save_diffusers_layers(Path(folder) / weight_name, pipeline_class,
                                  {name: diffusers_layers(model) for name, model in models.items()},
                                  {name: adapter_metadata(model) for name, model in models.items()}, info)
 

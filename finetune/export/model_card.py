@@ -9,7 +9,7 @@ from ..family import Family
 
 SETTINGS = ("base_model", "family", "rank", "alpha", "unet_targets", "text_encoder", "steps", "epochs",
             "learning_rate", "batch_size", "resolution", "prediction_type", "num_train_images", "num_class_images",
-            "seed")
+            "seed", "ema_decay")
 
 
 def write_model_card(folder: str | Path, info: dict, license: str, kohya_file: str | None = None,

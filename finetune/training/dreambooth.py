@@ -28,6 +28,7 @@ from .accelerator import flat_hparams, make_accelerator, weight_dtype
 from .checkpoint import load_checkpoint, register_lora_only_saving
 from .conditioning import ModelKind
 from .distributed import retarget_learning_rate, scaled_learning_rate
+from .ema import LoraEMA, NoEMA, lora_ema
 from .optim import build_lr_scheduler, build_optimizer
 from .preflight import claim_run, validate_run
 from .summary import PhaseClock
@@ -162,6 +163,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any  # a torch LambdaLR from diffusers' get_scheduler
     params: list[torch.nn.Parameter]
+    ema: LoraEMA | NoEMA  # train.ema_decay: the EMA of params, what validation draws and exports write
 
 
 def prepare_training(cfg, run: Run, lora_models: dict[str, torch.nn.Module], recipe: str) -> Training:
@@ -174,6 +176,7 @@ def prepare_training(cfg, run: Run, lora_models: dict[str, torch.nn.Module], rec
     lr_scheduler = build_lr_scheduler(optimizer, train)
     *wrapped, optimizer = accelerator.prepare(*lora_models.values(), optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
+    ema = lora_ema(params, train, accelerator)  # registered after the schedule: older checkpoints keep its index
     register_lora_only_saving(accelerator)
     if run.resume_from:
         load_checkpoint(accelerator, run.resume_from)
@@ -182,4 +185,5 @@ def prepare_training(cfg, run: Run, lora_models: dict[str, torch.nn.Module], rec
     if accelerator.is_main_process:
         accelerator.init_trackers(recipe, config=flat_hparams(to_dict(cfg)))
     return Training(dict(zip(lora_models, wrapped)), {name: accelerator.unwrap_model(model) for name, model in
-                                                      zip(lora_models, wrapped)}, optimizer, lr_scheduler, params)
+                                                      zip(lora_models, wrapped)}, optimizer, lr_scheduler, params,
+                    ema)

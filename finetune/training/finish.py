@@ -9,7 +9,9 @@ from ..export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
 from ..export.metadata import tag_frequency
 from ..export.publish import publish
 from ..family import family_of_pipeline
+from ..run_files import NO_EMA_WEIGHT_NAME
 from .distributed import check_replicas_agree
+from .run_dir import written_by_finetune
 from .run_lock import release_run_lock
 from .summary import write_summary
 
@@ -30,6 +32,8 @@ def export_info(cfg, pipe, run, steps: int, recipe: str) -> dict:
             "epochs": max(1, -(-seen // (len(instance) * cfg.data.repeats))), "num_train_images": len(instance),
             "num_class_images": cfg.prior.num_class_images, "seed": cfg.train.seed,
             "title": Path(cfg.output_dir).resolve().name, "tag_frequency": tag_frequency([e.prompt for e in instance])}
+    if cfg.train.ema_decay:
+        info["ema_decay"] = cfg.train.ema_decay
     if run.photos.buckets:
         info["buckets"] = sorted({f"{w}x{h}" for w, h in run.photos.buckets})
     return info
@@ -38,16 +42,27 @@ def export_info(cfg, pipe, run, steps: int, recipe: str) -> dict:
 class RunExporter:
     """Writes a run's LoRA in diffusers format (a checkpoint's, or the final one) with the run's metadata."""
 
-    def __init__(self, cfg, pipe, pipeline_class, lora_models: dict, run, recipe: str):
+    def __init__(self, cfg, pipe, pipeline_class, lora_models: dict, run, recipe: str, ema):
         self.cfg, self.pipe, self.pipeline_class, self.lora_models = cfg, pipe, pipeline_class, lora_models
-        self.run, self.recipe = run, recipe
+        self.run, self.recipe, self.ema = run, recipe, ema  # ema: finetune.training.ema's LoraEMA or NoEMA
 
     def info(self, steps: int) -> dict:
         return export_info(self.cfg, self.pipe, self.run, steps, self.recipe)
 
     def write(self, folder: Path, steps: int) -> Path:
+        """The diffusers file; with train.ema_decay it holds the EMA, and the trained weights go beside it
+        (NO_EMA_WEIGHT_NAME), each file's header saying which it is (finetune.weights)."""
         encoders = {name: model for name, model in self.lora_models.items() if name != "unet"}
-        return save_diffusers_lora(folder, self.pipeline_class, self.lora_models["unet"], encoders, self.info(steps))
+        unet, info = self.lora_models["unet"], self.info(steps)
+        if not self.ema.enabled:
+            stale = Path(folder) / NO_EMA_WEIGHT_NAME  # an earlier run's with EMA would pass for this one's
+            if stale.is_file() and written_by_finetune(stale):
+                stale.unlink()
+            return save_diffusers_lora(folder, self.pipeline_class, unet, encoders, info)
+        save_diffusers_lora(folder, self.pipeline_class, unet, encoders, {**info, "weights": "trained (no EMA)"},
+                            NO_EMA_WEIGHT_NAME)
+        with self.ema.applied():
+            return save_diffusers_lora(folder, self.pipeline_class, unet, encoders, {**info, "weights": "EMA"})
 
 
 def finish_run(cfg, run, exporter: RunExporter, checkpointer, validator, summary: dict, skipped: int) -> Path:
@@ -62,9 +77,10 @@ def finish_run(cfg, run, exporter: RunExporter, checkpointer, validator, summary
         if accelerator.is_main_process:
             final = exporter.write(output_dir, steps)
             log.info("exported %s (%s it/s)", final, summary["steady_it_per_s"])
-        validator.before_after(steps)  # before the model card, which shows it
-        if accelerator.is_main_process:
-            publish(output_dir, cfg.export, exporter.lora_models, exporter.info(steps))
+        with exporter.ema.applied():  # train.ema_decay: the grid and the kohya file show the EMA
+            validator.before_after(steps)  # before the model card, which shows it
+            if accelerator.is_main_process:
+                publish(output_dir, cfg.export, exporter.lora_models, exporter.info(steps))
     if accelerator.is_main_process:
         write_summary(output_dir, {**summary, **run.phases.summary()})
         log.info("summary: %d steps, %d skipped (NaN/Inf); %s", steps - run.start, skipped, run.photos.summary())

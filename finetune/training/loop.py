@@ -76,6 +76,7 @@ def train_loop(cfg, run: Run, training: Training, plans: list, objective, checkp
                         training.optimizer.step()
                         if not accelerator.optimizer_step_was_skipped:
                             training.lr_scheduler.step()
+                            training.ema.step()  # train.ema_decay: only steps that were taken
                     training.optimizer.zero_grad(set_to_none=True)
         clock.step_done()
         guard.record(step + 1)
@@ -86,7 +87,8 @@ def train_loop(cfg, run: Run, training: Training, plans: list, objective, checkp
         if checkpointer.due(step + 1) and guard.healthy:
             checkpointer.save(step + 1)
         if validator.due(step + 1):
-            validator.validate(step + 1)
+            with training.ema.applied():  # the grid shows what would be exported
+                validator.validate(step + 1)
     summary = {**clock.summary(train.max_steps), **optimizer_state_summary(training.optimizer, training.params),
                "mode": train.mode, "setup_seconds": round(setup_seconds, 2)}
     return LoopResult(summary, guard.skipped)

@@ -18,25 +18,42 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
 
 
 def prior_preservation_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance: int,
-                            prior_weight: float, weights: torch.Tensor | None = None
+                            prior_weight: float, weights: torch.Tensor | None = None,
+                            pixel_weights: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MSE on the instance samples + prior_weight x MSE on the class samples that follow them in the batch.
 
-    `weights` (one per sample, e.g. min-SNR) scale each sample's MSE before the means.
+    `weights` (one per sample, e.g. min-SNR) scale each sample's MSE before the means; `pixel_weights`
+    (batch, 1, h, w), from loss masks, scale each latent pixel's squared error before its sample's mean.
     """
     prediction, target = prediction.float(), target.float()
 
     def mse(part: slice) -> torch.Tensor:
-        if weights is None:
+        if weights is None and pixel_weights is None:
             return F.mse_loss(prediction[part], target[part])
-        per_sample = ((prediction[part] - target[part]) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
-        return (per_sample * weights[part].float()).mean()
+        error = (prediction[part] - target[part]) ** 2
+        if pixel_weights is not None:
+            error = error * pixel_weights[part]
+        per_sample = error.mean(dim=tuple(range(1, prediction.ndim)))
+        return per_sample.mean() if weights is None else (per_sample * weights[part].float()).mean()
 
     instance = mse(slice(0, num_instance))
     if prediction.shape[0] == num_instance:
         return instance, {"instance_loss": instance.detach()}
     prior = mse(slice(num_instance, None))
     return instance + prior_weight * prior, {"instance_loss": instance.detach(), "prior_loss": prior.detach()}
+
+
+def mask_loss_weights(masks: list[torch.Tensor | None], background: float, latents: torch.Tensor
+                      ) -> torch.Tensor | None:
+    """Per latent pixel loss weights (batch, 1, h, w) from the samples' masks on the latent grid: 1 on the subject
+    (mask 1), `background` (data.mask_weight) where the mask is 0, linear in between; 1 everywhere for a sample
+    without a mask (class images). None when no sample has one: the loss is then the plain MSE."""
+    if all(mask is None for mask in masks):
+        return None
+    ones = torch.ones((1, *latents.shape[-2:]), device=latents.device)
+    return torch.stack([ones if m is None else background + (1 - background) * m.to(latents.device)
+                        for m in masks])
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -98,12 +115,13 @@ class DreamBoothObjective:
 
     def __call__(self, plan) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         generators = sample_generators(self.seed, plan, self.device)
-        clean, geometry = self.latents.sample_with_geometry(plan.examples, plan.flips, plan.crops, generators,
-                                                            plan.size)
+        clean, geometry, masks = self.latents.sample_batch(plan.examples, plan.flips, plan.crops, generators,
+                                                           plan.size)
         noisy, noise, timesteps = add_noise(self.noise_scheduler, clean, generators, self.options.noise_offset)
         condition = self.conditioning(plan_prompts(self.seed, plan, self.examples, self.data), geometry)
         prediction = self.unet_call(noisy, timesteps, *condition)
         target = diffusion_target(self.noise_scheduler, clean, noise, timesteps)
         weights = min_snr_weights(self.noise_scheduler, timesteps, self.options.snr_gamma) \
             if self.options.snr_gamma else None
-        return prior_preservation_loss(prediction, target, len(plan.instance), self.prior_weight, weights)
+        return prior_preservation_loss(prediction, target, len(plan.instance), self.prior_weight, weights,
+                                       mask_loss_weights(masks, self.data.mask_weight, clean))

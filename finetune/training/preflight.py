@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from ..data.captions import caption_source, warn_long_prompts
 from ..data.class_images import ClassFolderReport, remove_broken_class_images, screen_class_images
 from ..data.dataset import Example, instance_examples
+from ..data.masks import attach_masks
 from ..data.screening import PhotoReport, screen_photos
 from ..errors import FinetuneError
 from ..export.diffusers_format import WEIGHT_NAME, finetune_metadata
@@ -62,6 +63,7 @@ def validate_run(cfg, num_processes: int = 1, main_process: bool = True) -> Chec
         check_init_lora(cfg.lora, cfg.model)
     instance, photos = screen_photos(instance_examples(data), train.resolution, data.on_bad_image, data.buckets,
                                      data.allow_upscale)
+    instance = attach_masks(instance, data)  # data.masks: one per photo, each checked now
     if main_process:
         check_prompt_lengths(instance, cfg)
     class_images = screen_class_images(data.class_dir) if cfg.prior.num_class_images else ClassFolderReport()
@@ -105,11 +107,24 @@ def check_resume_settings(checkpoint: Path, step: int, cfg) -> None:
             raise FinetuneError(f"train.resume: {checkpoint} was trained with lora.{key}={shown}, this run sets "
                                 f"lora.{key}={json.dumps(ours) if isinstance(ours, bool) else ours}; resume with the "
                                 "checkpoint's settings, or start afresh (train.overwrite=true or another output_dir)")
+    check_resume_ema(checkpoint, header, cfg.train.ema_decay)
     family = local_model_family(cfg.model.pretrained)
     if family and header.get("family") and family != header["family"]:
         raise FinetuneError(f"train.resume: {checkpoint} was trained on {header.get('base_model')} (an "
                             f"{header['family']} model), but model.pretrained={cfg.model.pretrained} is an {family} "
                             "model; resume with the model it was trained on")
+
+
+def check_resume_ema(checkpoint: Path, header: dict, ema_decay: float) -> None:
+    """The checkpoint holds an EMA of the decay this run sets (its export's header says), or none when it sets
+    none: a resumed EMA must go on with the recurrence it started with, and one cannot be made up afterwards."""
+    theirs = float(json.loads(header.get("ema_decay", "0")))
+    if theirs != ema_decay:
+        def shown(decay: float) -> str:
+            return f"train.ema_decay={decay:g}" if decay else "no EMA (train.ema_decay=0)"
+        raise FinetuneError(f"train.resume: {checkpoint} was trained with {shown(theirs)}, this run sets "
+                            f"{shown(ema_decay)}; resume with the checkpoint's setting, or start afresh "
+                            "(train.overwrite=true or another output_dir)")
 
 
 def check_init_lora(lora, model) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import FinetuneError
 from ..export.diffusers_format import WEIGHT_NAME, read_header
 from ..export.publish import kohya_file_name
+from ..run_files import NO_EMA_WEIGHT_NAME
 from .checkpoint import checkpoint_dirs, clean_partial_saves, step_folders
 from .run_lock import acquire_run_lock, lock_holder
 
@@ -80,12 +81,12 @@ def is_finetune_run(root: Path) -> bool:
     return bool(checkpoint_dirs(root)) or ((root / WEIGHT_NAME).is_file() and written_by_finetune(root / WEIGHT_NAME))
 
 
-def foreign_file(root: Path, export) -> str | None:
+def foreign_file(root: Path, export, ema: bool = False) -> str | None:
     """The first file in `root` that the run would replace but finetune did not write, or None.
 
     The LoRA files are ours when their header says so; the model card and run summary are ours when the folder
     holds a finetune run (they are written beside its export)."""
-    weights = [WEIGHT_NAME] + ([kohya_file_name(root)] if export.kohya else [])
+    weights = [WEIGHT_NAME] + ([kohya_file_name(root)] if export.kohya else []) + ([NO_EMA_WEIGHT_NAME] if ema else [])
     for name in weights:
         if (root / name).exists() and not written_by_finetune(root / name):
             return name
@@ -108,7 +109,7 @@ def check_output_dir(cfg, resuming: bool, main_process: bool = True) -> list[Pat
                             "or choose another output_dir")
     if not root.is_dir():
         return []
-    foreign = foreign_file(root, cfg.export)
+    foreign = foreign_file(root, cfg.export, bool(cfg.train.ema_decay))
     if foreign:
         raise FinetuneError(f"output_dir {root} holds {foreign}, which finetune did not write and would replace; "
                             "choose a new or empty output_dir, or move the file away")
