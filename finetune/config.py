@@ -324,9 +324,29 @@ class LoraConfig:
     text_encoder: bool = option(False, "also train LoRA on the text encoder's q/k/v/out projections")
     init_from: str | None = option(None, "start from an existing LoRA (diffusers or kohya file, or a run folder); "
                                          "its rank, alpha and layers must match the settings above")
+    pivotal: bool = option(False, "pivotal tuning: the trigger word becomes new tokens (<s0><s1>...) whose "
+                                  "embeddings train beside the LoRA, in every text encoder")
+    pivotal_word: str | None = option(None, "with pivotal: the word of the prompts the new tokens replace (default: "
+                                            "the first word of data.trigger, e.g. sks)")
+    pivotal_tokens: int = option(2, "with pivotal: how many new tokens stand for the word")
+    pivotal_init: Literal["class", "random"] = option(
+        "class", "with pivotal: start the new embeddings at the class word's (class) or at random with the "
+                 "vocabulary's spread (random)")
+    pivotal_class_word: str | None = option(None, "with pivotal_init=class: the word whose embedding the tokens "
+                                                  "start from (default: the last word of data.class_prompt)")
+    pivotal_learning_rate: float = option(5e-4, "with pivotal: peak learning rate of the new embeddings (their own "
+                                                "optimizer group, same schedule as the LoRA's)")
+    pivotal_stop_step: int | None = option(None, "with pivotal: the optimizer step after which the embeddings stay "
+                                                 "fixed (default: half of train.max_steps; past it: never)")
 
     def __post_init__(self):
         check(self.rank >= 1, "lora.rank", "must be at least 1")
+        check(self.pivotal_tokens >= 1, "lora.pivotal_tokens", "must be at least 1")
+        check(self.pivotal_learning_rate > 0, "lora.pivotal_learning_rate", "must be positive")
+        check(self.pivotal_stop_step is None or self.pivotal_stop_step >= 0, "lora.pivotal_stop_step",
+              "must be 0 or more")
+        check(self.pivotal_word is None or (bool(self.pivotal_word.strip()) and " " not in self.pivotal_word.strip()),
+              "lora.pivotal_word", "must be one word, e.g. sks")
         check(self.alpha > 0, "lora.alpha", "must be positive")
         check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
 
@@ -485,3 +505,8 @@ class DreamBoothConfig:
 
     def __post_init__(self):
         check(bool(self.output_dir.strip()), "output_dir", "must name a folder for the run, e.g. runs/my-dog")
+        if self.lora.pivotal:
+            check(bool(self.lora.pivotal_word or (self.data.trigger or "").strip()), "lora.pivotal_word",
+                  "lora.pivotal needs the word the new tokens stand for: set lora.pivotal_word (e.g. sks) or "
+                  "data.trigger")
+

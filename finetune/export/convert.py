@@ -10,6 +10,7 @@ from ..config import ModelConfig
 from ..errors import FinetuneError
 from ..family import decide, model_facts
 from .diffusers_format import METADATA_PREFIX, WEIGHT_NAME, save_diffusers_layers
+from .embeddings import TokenEmbeddings, bundle_tensors
 from .kohya import save_kohya_lora
 from .lora_weights import LoraWeights, read_lora
 from .metadata import kohya_metadata
@@ -17,13 +18,15 @@ from .metadata import kohya_metadata
 FORMATS = ("kohya", "diffusers")
 
 
-def export_kohya(weights: LoraWeights, path: str | Path, info: dict, precision: str = "fp16") -> Path:
-    """The kohya file with the ss_*/modelspec.* keys the UIs show, plus our finetune.* info."""
+def export_kohya(weights: LoraWeights, path: str | Path, info: dict, precision: str = "fp16",
+                 embeddings: TokenEmbeddings | None = None) -> Path:
+    """The kohya file with the ss_*/modelspec.* keys the UIs show, plus our finetune.* info; `embeddings`
+    (pivotal tuning's) go in as sd-scripts' bundled embeddings, in fp32 like the alphas."""
     part = "unet" if "unet" in weights.layers else next(iter(weights.layers))
     has_text_encoder = any(name != "unet" for name in weights.layers)
     metadata = kohya_metadata(info, weights.rank(part), weights.alpha[part], has_text_encoder)
     metadata.update({METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
-    return save_kohya_lora(path, weights, metadata, precision)
+    return save_kohya_lora(path, weights, metadata, precision, bundle_tensors(embeddings) if embeddings else None)
 
 
 def export_diffusers(weights: LoraWeights, path: str | Path, info: dict) -> Path:

@@ -6,10 +6,12 @@ import logging
 from pathlib import Path
 
 from ..export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
+from ..export.embeddings import TokenEmbeddings, save_embeddings
 from ..export.metadata import tag_frequency
 from ..export.publish import publish
 from ..family import family_of_pipeline
 from .distributed import check_replicas_agree
+from .pivotal import PivotalTuning, pivotal_word
 from .run_lock import release_run_lock
 from .summary import write_summary
 
@@ -32,22 +34,31 @@ def export_info(cfg, pipe, run, steps: int, recipe: str) -> dict:
             "title": Path(cfg.output_dir).resolve().name, "tag_frequency": tag_frequency([e.prompt for e in instance])}
     if run.photos.buckets:
         info["buckets"] = sorted({f"{w}x{h}" for w, h in run.photos.buckets})
+    if cfg.lora.pivotal:
+        info.update(pivotal_word=pivotal_word(cfg), pivotal_tokens=cfg.lora.pivotal_tokens)
     return info
 
 
 class RunExporter:
     """Writes a run's LoRA in diffusers format (a checkpoint's, or the final one) with the run's metadata."""
 
-    def __init__(self, cfg, pipe, pipeline_class, lora_models: dict, run, recipe: str):
+    def __init__(self, cfg, pipe, pipeline_class, lora_models: dict, run, recipe: str,
+                 pivotal: PivotalTuning | None = None):
         self.cfg, self.pipe, self.pipeline_class, self.lora_models = cfg, pipe, pipeline_class, lora_models
-        self.run, self.recipe = run, recipe
+        self.run, self.recipe, self.pivotal = run, recipe, pivotal
 
     def info(self, steps: int) -> dict:
         return export_info(self.cfg, self.pipe, self.run, steps, self.recipe)
 
     def write(self, folder: Path, steps: int) -> Path:
         encoders = {name: model for name, model in self.lora_models.items() if name != "unet"}
+        if self.pivotal:  # beside the LoRA, so a checkpoint holds the rows to resume from
+            save_embeddings(folder, self.pivotal.embeddings(), {"steps": steps,
+                                                                 "base_model": self.cfg.model.pretrained})
         return save_diffusers_lora(folder, self.pipeline_class, self.lora_models["unet"], encoders, self.info(steps))
+
+    def embeddings(self) -> TokenEmbeddings | None:
+        return self.pivotal.embeddings() if self.pivotal else None
 
 
 def finish_run(cfg, run, exporter: RunExporter, checkpointer, validator, summary: dict, skipped: int) -> Path:
@@ -64,7 +75,7 @@ def finish_run(cfg, run, exporter: RunExporter, checkpointer, validator, summary
             log.info("exported %s (%s it/s)", final, summary["steady_it_per_s"])
         validator.before_after(steps)  # before the model card, which shows it
         if accelerator.is_main_process:
-            publish(output_dir, cfg.export, exporter.lora_models, exporter.info(steps))
+            publish(output_dir, cfg.export, exporter.lora_models, exporter.info(steps), exporter.embeddings())
     if accelerator.is_main_process:
         write_summary(output_dir, {**summary, **run.phases.summary()})
         log.info("summary: %d steps, %d skipped (NaN/Inf); %s", steps - run.start, skipped, run.photos.summary())
