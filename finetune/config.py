@@ -355,6 +355,9 @@ class LoraConfig:
 class ExportConfig:
     kohya: bool = option(False, "also write <output_dir name>.safetensors in kohya format (A1111, Forge, ComfyUI)")
     kohya_precision: Literal["fp16", "bf16", "fp32"] = option("fp16", "precision of the kohya file's weights")
+    bundle_embeddings: bool = option(True, "with lora.pivotal: bundle the token embeddings into the kohya file "
+                                           "(A1111 and ComfyUI read them; diffusers' load_lora_weights refuses "
+                                           "such a file)")
     model_card: bool = option(True, "write README.md (a Hub model card) beside the exported weights")
     license: str = option("creativeml-openrail-m", "license field of the model card (the base model's license)")
     push_to_hub: str | None = option(None, "Hub repo id (org/name) to upload the exported files to at the end")

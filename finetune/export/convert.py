@@ -10,7 +10,7 @@ from ..config import ModelConfig
 from ..errors import FinetuneError
 from ..family import decide, model_facts
 from .diffusers_format import METADATA_PREFIX, WEIGHT_NAME, save_diffusers_layers
-from .embeddings import TokenEmbeddings, bundle_tensors
+from .embeddings import TokenEmbeddings, bundle_tensors, embeddings_for, save_embeddings
 from .kohya import save_kohya_lora
 from .lora_weights import LoraWeights, read_lora
 from .metadata import kohya_metadata
@@ -78,6 +78,13 @@ def convert_lora(src: str | Path, fmt: str, out: str | Path, precision: str = "f
     info.update(family=family.name, prediction_type=family.prediction_type)
     if weights.source_format == "kohya" and "trigger" not in info:
         info["trigger"] = weights.header.get("modelspec.trigger_phrase", "")
+    # Pivotal tuning's embeddings travel with the LoRA: bundled into a kohya file, beside a diffusers one.
+    embeddings = embeddings_for(src)
+    if len(embeddings) > 1:
+        raise FinetuneError(f"{src} bundles embeddings for {len(embeddings)} words; finetune converts one")
     if fmt == "kohya":
-        return export_kohya(weights, out, info, precision)
-    return export_diffusers(weights, out if out.suffix == ".safetensors" else out / WEIGHT_NAME, info)
+        return export_kohya(weights, out, info, precision, embeddings[0] if embeddings else None)
+    written = export_diffusers(weights, out if out.suffix == ".safetensors" else out / WEIGHT_NAME, info)
+    if embeddings:
+        save_embeddings(written.parent, embeddings[0], {"family": family.name})
+    return written

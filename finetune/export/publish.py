@@ -40,9 +40,14 @@ def publish(output_dir: str | Path, export: ExportConfig, models: dict, info: di
         written += [output_dir / EMBEDDINGS_NAME, output_dir / UI_FOLDER / f"{embeddings.word}.safetensors"]
     if export.kohya:
         kohya_file = kohya_file_name(output_dir)
+        bundled = embeddings if export.bundle_embeddings else None
         written.append(export_kohya(weights_from_models(models, Family.from_name(info["family"])),
-                                    output_dir / kohya_file, info, export.kohya_precision, embeddings))
+                                    output_dir / kohya_file, info, export.kohya_precision, bundled))
         log.info("exported %s (kohya format)", written[-1])
+        if bundled is not None:
+            log.info("notice: %s bundles the %r embeddings (A1111 and ComfyUI read them; diffusers' "
+                     "load_lora_weights refuses the file: there, load %s and %s, or set "
+                     "export.bundle_embeddings=false)", kohya_file, bundled.word, WEIGHT_NAME, EMBEDDINGS_NAME)
     if export.model_card:
         written.append(write_model_card(output_dir, info, export.license, kohya_file, sample_grid(output_dir)))
     if export.push_to_hub:

@@ -118,6 +118,9 @@ def test_sd_only_new_rows_train_at_their_rate_until_their_stop_and_every_client_
     a1111 = a1111_bundled(kohya)
     assert list(a1111) == ["sks"] and torch.equal(a1111["sks"]["string_to_param"]["*"], exported["clip_l"])
     assert torch.equal(comfy_bundled(kohya, ".string_to_param.*"), exported["clip_l"])
+    # ... which diffusers' own loader refuses, as the export's notice says (export.bundle_embeddings=false).
+    with pytest.raises(ValueError, match="lora"):
+        StableDiffusionPipeline.from_pretrained(tiny_sd1).load_lora_weights(run / "run.safetensors")
     with safe_open(str(run / "embeddings.safetensors"), "pt") as handle:
         assert handle.metadata()["finetune.pivotal_tokens"] == '["<s0>", "<s1>"]'
     assert Image.open(run / "samples" / "before_after.png").size == (64, 128)
@@ -162,7 +165,8 @@ def test_generate_loads_the_embeddings_with_the_lora_so_the_word_works(tiny_sd1,
 def test_resume_restores_the_embeddings_bitwise(tiny_sd1, photos, tmp_path, run_cli):
     common = tiny_overrides(tiny_sd1, photos, tmp_path, **{
         "prior.num_class_images": 0, "lora.pivotal": "true", "lora.pivotal_word": "sks",
-        "lora.pivotal_stop_step": 4, "lora.pivotal_learning_rate": 1e-2, "train.checkpoint_every": 2})
+        "lora.pivotal_stop_step": 4, "lora.pivotal_learning_rate": 1e-2, "train.checkpoint_every": 2,
+        "export.bundle_embeddings": "false"})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_cli("train", SD15, *common, "train.max_steps=4", f"output_dir={straight}")[0] == 0
     assert run_cli("train", SD15, *common, "train.max_steps=2", f"output_dir={resumed}")[0] == 0
@@ -172,6 +176,9 @@ def test_resume_restores_the_embeddings_bitwise(tiny_sd1, photos, tmp_path, run_
     a, b = load_file(straight / "embeddings.safetensors"), load_file(resumed / "embeddings.safetensors")
     halfway = load_file(resumed / "checkpoints" / "step-000002" / "embeddings.safetensors")
     assert torch.equal(a["clip_l"], b["clip_l"]) and not torch.equal(a["clip_l"], halfway["clip_l"])
+    # Unbundled, the kohya file is one diffusers loads.
+    assert not any(k.startswith("bundle_emb.") for k in load_file(resumed / "resumed.safetensors"))
+    StableDiffusionPipeline.from_pretrained(tiny_sd1).load_lora_weights(resumed / "resumed.safetensors")
     # Resuming with the tokens off is refused before anything loads.
     code, _, err = run_cli("train", SD15, *common, "train.max_steps=6", f"output_dir={resumed}",
                            "train.resume=latest", "lora.pivotal=false")
@@ -237,3 +244,23 @@ def test_bad_pivotal_settings_are_one_line_before_anything_loads(tiny_sd1, photo
     code, _, err = run_cli("train", SD15, *tiny_overrides(tiny_sd1, photos, tmp_path, **overrides))
     assert code == 2 and err.startswith("finetune: error: " + message) and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_export_carries_the_embeddings_both_ways_and_into_a_fused_folder(tiny_sd1, pivotal_run, tmp_path, run_cli):
+    embeddings = load_file(pivotal_run / "embeddings.safetensors")["clip_l"]
+    code, _, err = run_cli("export", pivotal_run, "--format", "kohya", "--precision", "fp32", "--out",
+                           tmp_path / "k.safetensors")
+    assert code == 0, err
+    assert torch.equal(load_file(tmp_path / "k.safetensors")["bundle_emb.sks.string_to_param.*"], embeddings)
+    code, _, err = run_cli("export", tmp_path / "k.safetensors", "--format", "diffusers", "--out", tmp_path / "d")
+    assert code == 0, err
+    assert torch.equal(load_file(tmp_path / "d" / "embeddings.safetensors")["clip_l"], embeddings)
+    assert torch.equal(load_file(tmp_path / "d" / "embeddings" / "sks.safetensors")["emb_params"], embeddings)
+    want = draw(run_cli, tiny_sd1, tmp_path / "run-img", "a photo of sks dog", pivotal_run)
+    assert draw(run_cli, tiny_sd1, tmp_path / "d-img", "a photo of sks dog", tmp_path / "d") == want
+    # Fused into a diffusers folder, the tokenizer holds the training tokens with their trained rows.
+    code, _, err = run_cli("export", pivotal_run, "--fuse", "--base", tiny_sd1, "--out", tmp_path / "fused")
+    assert code == 0, err
+    fused = StableDiffusionPipeline.from_pretrained(tmp_path / "fused")
+    ids = fused.tokenizer.convert_tokens_to_ids(TOKENS)
+    assert torch.equal(fused.text_encoder.get_input_embeddings().weight.detach()[ids], embeddings)
