@@ -107,7 +107,7 @@ def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
     checkpointer = Checkpointer(cfg, run, exporter.write)
     validator = Validator(with_tokens(cfg.validation, pivotal), run.accelerator, pipe,
                           list(training.lora_models.values()), cfg.output_dir, cfg.train.resolution,
-                          validation_scorer(cfg, run.instance, run.accelerator))
+                          validation_scorer(cfg, run.instance, run.accelerator), cfg.validation.prompts)
     with phase("training"):
         result = train_loop(cfg, run, training, plans, objective, checkpointer, validator)
 

@@ -4,6 +4,7 @@ draws, the UIs' files have the keys their loaders look for, generate uses them, 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,7 +124,22 @@ def test_sd_only_new_rows_train_at_their_rate_until_their_stop_and_every_client_
         StableDiffusionPipeline.from_pretrained(tiny_sd1).load_lora_weights(run / "run.safetensors")
     with safe_open(str(run / "embeddings.safetensors"), "pt") as handle:
         assert handle.metadata()["finetune.pivotal_tokens"] == '["<s0>", "<s1>"]'
-    assert Image.open(run / "samples" / "before_after.png").size == (64, 128)
+
+    # Validation drew with the trained tokens: its LoRA row is what generate draws with the run's LoRA and
+    # embeddings, and its base row the base model with the prompt as written.
+    grid = Image.open(run / "samples" / "before_after.png")
+    assert grid.size == (64, 128)
+    common = ["--steps", 2, "--scheduler", "dpm++", "--seed", 0, "--guidance", 7.5]
+    rows = {"base": grid.crop((0, 0, 64, 64)), "lora": grid.crop((0, 64, 64, 128))}
+    drawn = {"base": pixels(draw(run_cli, tiny_sd1, tmp_path / "g-base", "a photo of sks dog", *common)),
+             "lora": pixels(draw(run_cli, tiny_sd1, tmp_path / "g-lora", "a photo of sks dog", *common, run))}
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare)
+    (bare / "embeddings.safetensors").unlink()
+    without = pixels(draw(run_cli, tiny_sd1, tmp_path / "g-bare", "a photo of sks dog", *common, bare))
+    for name, row in rows.items():
+        assert (pixels(row.tobytes()) - drawn[name]).abs().max() <= 2, name
+    assert (pixels(rows["lora"].tobytes()) - without).abs().max() > 2
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +154,20 @@ def pivotal_run(tiny_sd1, photos_master, tmp_path_factory):
     return root / "run"
 
 
-def draw(run_cli, model, out, prompt, *loras):
+def draw(run_cli, model, out, prompt, *options):
+    """The first image `finetune generate` draws (2 DDIM steps at 64 px unless `options` say otherwise); a bare
+    path among the options is a --lora."""
     args = ["generate", "--model", model, "--prompt", prompt, "--steps", 2, "--resolution", 64, "--scheduler",
             "ddim", "--out", out]
-    for lora in loras:
-        args += ["--lora", lora]
+    for option in options:
+        args += ["--lora", option] if isinstance(option, Path) else [option]
     code, _, err = run_cli(*args)
     assert code == 0, err
     return Image.open(out / "0000.png").tobytes()
+
+
+def pixels(data: bytes) -> torch.Tensor:
+    return torch.tensor(list(data), dtype=torch.float32)
 
 
 def test_generate_loads_the_embeddings_with_the_lora_so_the_word_works(tiny_sd1, pivotal_run, tmp_path, run_cli):
