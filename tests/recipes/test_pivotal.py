@@ -286,3 +286,16 @@ def test_export_carries_the_embeddings_both_ways_and_into_a_fused_folder(tiny_sd
     fused = StableDiffusionPipeline.from_pretrained(tmp_path / "fused")
     ids = fused.tokenizer.convert_tokens_to_ids(TOKENS)
     assert torch.equal(fused.text_encoder.get_input_embeddings().weight.detach()[ids], embeddings)
+
+
+def test_the_model_cards_diffusers_snippet_runs_with_the_tokens(pivotal_run):
+    card = (pivotal_run / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'pipe("a photo of <s0><s1> dog")' in code and "embeddings/sks.safetensors" in card
+    # Run as a user would, on the CPU in fp32, with the card's placeholders filled in.
+    code = code.replace("path/to/this/folder", str(pivotal_run)).replace('.to("cuda")', "")
+    code = code.replace("torch.float16", "torch.float32").replace(".images[0]", "")
+    scope: dict = {}
+    exec(code.replace('dog")', 'dog", num_inference_steps=1)'), scope)  # noqa: S102 - the card's own code
+    tokenizer = scope["pipe"].tokenizer
+    assert tokenizer.convert_tokens_to_ids(TOKENS) == [len(tokenizer) - 2, len(tokenizer) - 1]
