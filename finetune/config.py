@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import ConfigError
+
+WORD = re.compile(r"[\w-]+")  # a prompt word that can also name a file (lora.pivotal_word)
 
 
 def option(default: Any, doc: str) -> Any:
@@ -345,8 +348,8 @@ class LoraConfig:
         check(self.pivotal_learning_rate > 0, "lora.pivotal_learning_rate", "must be positive")
         check(self.pivotal_stop_step is None or self.pivotal_stop_step >= 0, "lora.pivotal_stop_step",
               "must be 0 or more")
-        check(self.pivotal_word is None or (bool(self.pivotal_word.strip()) and " " not in self.pivotal_word.strip()),
-              "lora.pivotal_word", "must be one word, e.g. sks")
+        check(self.pivotal_word is None or bool(WORD.fullmatch(self.pivotal_word)), "lora.pivotal_word",
+              "must be one word (letters, digits, _ or -), e.g. sks")
         check(self.alpha > 0, "lora.alpha", "must be positive")
         check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
 
@@ -509,7 +512,15 @@ class DreamBoothConfig:
     def __post_init__(self):
         check(bool(self.output_dir.strip()), "output_dir", "must name a folder for the run, e.g. runs/my-dog")
         if self.lora.pivotal:
-            check(bool(self.lora.pivotal_word or (self.data.trigger or "").strip()), "lora.pivotal_word",
+            check(bool(self.pivotal_word()), "lora.pivotal_word",
                   "lora.pivotal needs the word the new tokens stand for: set lora.pivotal_word (e.g. sks) or "
                   "data.trigger")
+            check(bool(WORD.fullmatch(self.pivotal_word())), "lora.pivotal_word",
+                  f"data.trigger's first word {self.pivotal_word()!r} is not one word (letters, digits, _ or -); "
+                  "set lora.pivotal_word, e.g. sks")
+
+    def pivotal_word(self) -> str:
+        """lora.pivotal's word: lora.pivotal_word, else data.trigger's first word ('' without either)."""
+        words = (self.data.trigger or "").split()
+        return self.lora.pivotal_word or (words[0] if words else "")
 

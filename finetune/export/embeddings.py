@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ..errors import FinetuneError
@@ -88,7 +88,7 @@ def read_embeddings(path: str | Path) -> TokenEmbeddings:
         with safe_open(str(path), framework="pt") as handle:
             header = dict(handle.metadata() or {})
         tokens, word = json.loads(header[HEADER_TOKENS]), header[HEADER_WORD]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise FinetuneError(f"{path}: not an embeddings file finetune wrote ({type(exc).__name__}: "
                             f"{str(exc)[:100]})") from None
     slots = {key: slot for slot, key in KEYS.items()}

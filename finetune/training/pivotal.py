@@ -29,7 +29,7 @@ log = logging.getLogger("finetune")
 
 def pivotal_word(cfg) -> str:
     """The prompt word the new tokens replace: lora.pivotal_word, else data.trigger's first word."""
-    return (cfg.lora.pivotal_word or (cfg.data.trigger or "").split()[0]).strip()
+    return cfg.pivotal_word()
 
 
 def class_word(cfg) -> str:
@@ -54,17 +54,21 @@ class PivotalTuning:
         # Started without touching the global RNG: a run's LoRA init and noise stay what they are without pivotal.
         with torch.random.fork_rng(devices=[]):
             generator = torch.Generator().manual_seed(cfg.train.seed)
+            added: dict[int, int] = {}  # one tokenizer object may serve two encoders: its tokens are added once
             for slot, name in zip(slots, tokenizer_names):
                 tokenizer = getattr(pipe, name)
-                start = self.add_tokens(tokenizer, self.encoders[slot], name)
+                if id(tokenizer) not in added:
+                    added[id(tokenizer)] = self.add_tokens(tokenizer, name)
+                start = added[id(tokenizer)]
+                self.encoders[slot].resize_token_embeddings(len(tokenizer), mean_resizing=False)
                 init = self.initial_rows(cfg, tokenizer, self.encoders[slot], generator)
                 self.first[slot], self.rows[slot] = start, torch.nn.Parameter(init)
         for slot, encoder in self.encoders.items():
             encoder.get_input_embeddings().register_forward_hook(self.hook(slot))
         self.commit()
 
-    def add_tokens(self, tokenizer, encoder, name: str) -> int:
-        """The id of the first new token, after adding them all to the tokenizer and the embedding matrix."""
+    def add_tokens(self, tokenizer, name: str) -> int:
+        """The id of the first new token, after adding them all to the tokenizer."""
         taken = [t for t in self.tokens if t in tokenizer.get_vocab()]
         if taken:
             raise FinetuneError(f"lora.pivotal: the model's {name} already has the token {taken[0]}; use a base "
@@ -73,7 +77,6 @@ class PivotalTuning:
         tokenizer.add_tokens(self.tokens)
         if tokenizer.convert_tokens_to_ids(self.tokens) != list(range(start, start + len(self.tokens))):
             raise FinetuneError(f"lora.pivotal: {name} did not give the new tokens consecutive ids")
-        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         return start
 
     def initial_rows(self, cfg, tokenizer, encoder, generator: torch.Generator) -> torch.Tensor:
@@ -83,7 +86,7 @@ class PivotalTuning:
         weight = encoder.get_input_embeddings().weight.detach().float()[:len(tokenizer) - len(self.tokens)]
         count = len(self.tokens)
         if cfg.lora.pivotal_init == "random":
-            return torch.randn(count, weight.shape[1], generator=generator) * weight.std(dim=0)
+            return torch.randn(count, weight.shape[1], generator=generator) * weight.std(dim=0).cpu()
         word = class_word(cfg)
         ids = tokenizer(word, add_special_tokens=False).input_ids
         if not ids:

@@ -109,17 +109,24 @@ def check_resume_settings(checkpoint: Path, step: int, cfg) -> None:
             raise FinetuneError(f"train.resume: {checkpoint} was trained with lora.{key}={shown}, this run sets "
                                 f"lora.{key}={json.dumps(ours) if isinstance(ours, bool) else ours}; resume with the "
                                 "checkpoint's settings, or start afresh (train.overwrite=true or another output_dir)")
-    if header and ("pivotal_tokens" in header) != lora.pivotal or \
-            (lora.pivotal and json.loads(header["pivotal_tokens"]) != lora.pivotal_tokens):
-        theirs = f"lora.pivotal_tokens={header['pivotal_tokens']}" if "pivotal_tokens" in header else \
-            "lora.pivotal=false"
-        raise FinetuneError(f"train.resume: {checkpoint} was trained with {theirs}; resume with the checkpoint's "
-                            "lora.pivotal settings, or start afresh (train.overwrite=true or another output_dir)")
+    check_resume_pivotal(checkpoint, header, lora)
     family = local_model_family(cfg.model.pretrained)
     if family and header.get("family") and family != header["family"]:
         raise FinetuneError(f"train.resume: {checkpoint} was trained on {header.get('base_model')} (an "
                             f"{header['family']} model), but model.pretrained={cfg.model.pretrained} is an {family} "
                             "model; resume with the model it was trained on")
+
+
+def check_resume_pivotal(checkpoint: Path, header: dict, lora) -> None:
+    """lora.pivotal on or off and its token count as the checkpoint was trained (its optimizer has a group for the
+    tokens, its folder their rows)."""
+    if not header:
+        return
+    theirs = json.loads(header["pivotal_tokens"]) if "pivotal_tokens" in header else None
+    if theirs != (lora.pivotal_tokens if lora.pivotal else None):
+        said = f"lora.pivotal=true, lora.pivotal_tokens={theirs}" if theirs else "lora.pivotal=false"
+        raise FinetuneError(f"train.resume: {checkpoint} was trained with {said}; resume with the checkpoint's "
+                            "lora.pivotal settings, or start afresh (train.overwrite=true or another output_dir)")
 
 
 def check_pivotal_word(instance: list[Example], cfg) -> None:

@@ -255,11 +255,12 @@ def test_sdxl_trains_new_rows_in_both_encoders_and_exports_both(tiny_sdxl, photo
 
 @pytest.mark.parametrize("overrides, message", [
     ({"lora.pivotal": "true", "data.trigger": ""}, "lora.pivotal_word: lora.pivotal needs the word"),
-    ({"lora.pivotal": "true", "lora.pivotal_word": "two words"}, "lora.pivotal_word: must be one word"),
+    ({"lora.pivotal": "true", "lora.pivotal_word": "two words"}, "lora.pivotal_word: must be one word (letters"),
     ({"lora.pivotal": "true", "lora.pivotal_word": "zebra"}, "lora.pivotal_word: 'zebra' is in none of the"),
     ({"lora.pivotal": "true", "lora.pivotal_word": "dog", "prior.num_class_images": 2},
      "data.class_prompt: 'a photo of dog' holds lora.pivotal's word 'dog'"),
     ({"lora.pivotal_init": "zeros"}, "lora.pivotal_init: 'zeros' is not one of class, random"),
+    ({"lora.pivotal": "true", "data.trigger": "'sks, dog'"}, "lora.pivotal_word: data.trigger's first word 'sks,'"),
 ])
 def test_bad_pivotal_settings_are_one_line_before_anything_loads(tiny_sd1, photos, tmp_path, run_cli, overrides,
                                                                  message):
