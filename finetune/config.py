@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import ConfigError
+
+WORD = re.compile(r"[\w-]+")  # a prompt word that can also name a file (lora.pivotal_word)
 
 
 def option(default: Any, doc: str) -> Any:
@@ -335,9 +338,29 @@ class LoraConfig:
     text_encoder: bool = option(False, "also train LoRA on the text encoder's q/k/v/out projections")
     init_from: str | None = option(None, "start from an existing LoRA (diffusers or kohya file, or a run folder); "
                                          "its rank, alpha and layers must match the settings above")
+    pivotal: bool = option(False, "pivotal tuning: the trigger word becomes new tokens (<s0><s1>...) whose "
+                                  "embeddings train beside the LoRA, in every text encoder")
+    pivotal_word: str | None = option(None, "with pivotal: the word of the prompts the new tokens replace (default: "
+                                            "the first word of data.trigger, e.g. sks)")
+    pivotal_tokens: int = option(2, "with pivotal: how many new tokens stand for the word")
+    pivotal_init: Literal["class", "random"] = option(
+        "class", "with pivotal: start the new embeddings at the class word's (class) or at random with the "
+                 "vocabulary's spread (random)")
+    pivotal_class_word: str | None = option(None, "with pivotal_init=class: the word whose embedding the tokens "
+                                                  "start from (default: the last word of data.class_prompt)")
+    pivotal_learning_rate: float = option(5e-4, "with pivotal: peak learning rate of the new embeddings (their own "
+                                                "optimizer group, same schedule as the LoRA's)")
+    pivotal_stop_step: int | None = option(None, "with pivotal: the optimizer step after which the embeddings stay "
+                                                 "fixed (default: half of train.max_steps; past it: never)")
 
     def __post_init__(self):
         check(self.rank >= 1, "lora.rank", "must be at least 1")
+        check(self.pivotal_tokens >= 1, "lora.pivotal_tokens", "must be at least 1")
+        check(self.pivotal_learning_rate > 0, "lora.pivotal_learning_rate", "must be positive")
+        check(self.pivotal_stop_step is None or self.pivotal_stop_step >= 0, "lora.pivotal_stop_step",
+              "must be 0 or more")
+        check(self.pivotal_word is None or bool(WORD.fullmatch(self.pivotal_word)), "lora.pivotal_word",
+              "must be one word (letters, digits, _ or -), e.g. sks")
         check(self.alpha > 0, "lora.alpha", "must be positive")
         check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
 
@@ -346,6 +369,9 @@ class LoraConfig:
 class ExportConfig:
     kohya: bool = option(False, "also write <output_dir name>.safetensors in kohya format (A1111, Forge, ComfyUI)")
     kohya_precision: Literal["fp16", "bf16", "fp32"] = option("fp16", "precision of the kohya file's weights")
+    bundle_embeddings: bool = option(True, "with lora.pivotal: bundle the token embeddings into the kohya file "
+                                           "(A1111 and ComfyUI read them; diffusers' load_lora_weights refuses "
+                                           "such a file)")
     model_card: bool = option(True, "write README.md (a Hub model card) beside the exported weights")
     license: str = option("creativeml-openrail-m", "license field of the model card (the base model's license)")
     push_to_hub: str | None = option(None, "Hub repo id (org/name) to upload the exported files to at the end")
@@ -502,3 +528,16 @@ class DreamBoothConfig:
 
     def __post_init__(self):
         check(bool(self.output_dir.strip()), "output_dir", "must name a folder for the run, e.g. runs/my-dog")
+        if self.lora.pivotal:
+            check(bool(self.pivotal_word()), "lora.pivotal_word",
+                  "lora.pivotal needs the word the new tokens stand for: set lora.pivotal_word (e.g. sks) or "
+                  "data.trigger")
+            check(bool(WORD.fullmatch(self.pivotal_word())), "lora.pivotal_word",
+                  f"data.trigger's first word {self.pivotal_word()!r} is not one word (letters, digits, _ or -); "
+                  "set lora.pivotal_word, e.g. sks")
+
+    def pivotal_word(self) -> str:
+        """lora.pivotal's word: lora.pivotal_word, else data.trigger's first word ('' without either)."""
+        words = (self.data.trigger or "").split()
+        return self.lora.pivotal_word or (words[0] if words else "")
+

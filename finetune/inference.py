@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from PIL import Image
 from .config import ModelConfig
 from .data.images import image_grid, open_rgb, save_png_atomically
 from .errors import FinetuneError
+from .export.embeddings import embeddings_for, load_into_pipeline, rewrite_prompt
 from .export.lora_weights import LoraWeights, read_lora
 from .export.pipeline_lora import load_lora
 from .family import Family, decide, family_of_pipeline, model_facts
@@ -102,9 +104,37 @@ def load_loras(pipe, loras: list[tuple[str, float]], family: Family | None = Non
     for i, ((path, _), read) in enumerate(zip(loras, weights)):
         names.append(f"lora{i}")
         unfit[path] = load_lora(pipe, path, names[-1], family, partial=partial, weights=read)
+        load_token_embeddings(pipe, path, names[-1])
     if names:
         pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
     return unfit
+
+
+# The prompt words whose tokens load_token_embeddings added, by tokenizer: a pipeline built from another with
+# from_pipe (image-to-image, inpainting) shares its tokenizers, so it rewrites prompts the same way.
+_TRIGGERS: weakref.WeakKeyDictionary[Any, list[tuple[str, str]]] = weakref.WeakKeyDictionary()
+
+
+def load_token_embeddings(pipe, path: str, adapter: str) -> None:
+    """A pivotal-tuned LoRA's token embeddings (its run folder's embeddings file, or those bundled in its kohya
+    file) into every text encoder, under tokens named after the adapter (so two LoRAs' tokens never clash);
+    the trigger word in a prompt then stands for them, as in the UIs."""
+    for embeddings in embeddings_for(path):
+        tokens = [f"<{adapter}_{embeddings.word}_{k}>" for k in range(len(embeddings.tokens))]
+        load_into_pipeline(pipe, embeddings, tokens, f"--lora {path}")
+        words = _TRIGGERS.setdefault(pipe.tokenizer, [])
+        words += [(embeddings.word, "".join(tokens)), ("".join(embeddings.tokens), "".join(tokens))]
+        log.info("--lora %s: its embeddings for %r are loaded; %r in a prompt stands for them", path,
+                 embeddings.word, embeddings.word)
+
+
+def with_trigger_tokens(pipe, prompts: list[str]) -> list[str]:
+    """The prompts with each pivotal-tuned LoRA's word (or its training tokens, <s0><s1>) as its loaded tokens."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    for word, tokens in _TRIGGERS.get(tokenizer, []) if tokenizer is not None else []:
+        prompts = [p.replace(word, tokens) if word.startswith("<") else rewrite_prompt(p, word, tokens)
+                   for p in prompts]
+    return prompts
 
 
 def load_generator(model: str | ModelConfig, loras: Sequence[tuple[str, float]] = (), scheduler: str = "dpm++",
@@ -177,7 +207,7 @@ def generate(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps
 
     `per_image` values (an input image, a mask) are given to every image of a batch; `pipe_kwargs` go to the
     pipeline call as they are (output_type="latent" returns latents instead of images)."""
-    jobs = [(prompt, seed + k) for prompt in prompts for k in range(num_images)]
+    jobs = [(prompt, seed + k) for prompt in with_trigger_tokens(pipe, prompts) for k in range(num_images)]
     size = {"height": resolution, "width": resolution} if resolution else {}
     device = pipe._execution_device
     images = []

@@ -33,6 +33,7 @@ from finetune.training.dreambooth import (
 from finetune.training.finish import RunExporter, finish_run
 from finetune.training.loop import Checkpointer, train_loop
 from finetune.training.loss import DreamBoothObjective
+from finetune.training.pivotal import add_pivotal_tokens, with_tokens
 from finetune.training.unet_call import training_unet_call
 from finetune.training.validation import Validator
 
@@ -76,7 +77,10 @@ def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
     # 2. Encode once: every prompt training can see (text encoders on the GPU, then off), then the photos this
     #    process reads (the VAE on the GPU, then off): its share of the one global sample order, from where a
     #    resumed run left off, one aspect-ratio bucket per batch with data.buckets.
-    examples = run.instance + classes
+    #    With lora.pivotal the trigger word first becomes new tokens in every tokenizer and text encoder, and
+    #    the instance prompts say them instead.
+    pivotal, instance = add_pivotal_tokens(cfg, pipe, kind, run.instance)
+    examples = instance + classes
     plans = plan_share(cfg, run, len(classes))
     with phase("encoding"):
         prompts = encode_prompts(kind, pipe, examples, cfg, run)  # None when the text encoders train
@@ -84,6 +88,7 @@ def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
 
     # 3. Only now the U-Net comes to the GPU: freeze it and add LoRA (and to the text encoders with
     #    lora.text_encoder), frozen weights in half precision, LoRA in fp32; lora.init_from continues a LoRA.
+    #    lora.pivotal's token embeddings train in an optimizer group of their own.
     with phase("LoRA and optimizer"):
         ensure_unet(pipe, cfg.model, run.dtype)
         lora_models = add_lora(pipe, kind, cfg.lora, cfg.train, run)
@@ -92,17 +97,18 @@ def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
                              cfg.lora.init_from)
         # Optimizer, schedule (in optimizer steps, whatever the process count), Accelerate's wrapping, the
         # resumed state.
-        training = prepare_training(cfg, run, lora_models, recipe)
+        training = prepare_training(cfg, run, lora_models, recipe, pivotal)
         conditioning = prompts or text_conditioning(kind, pipe, training, run)
 
     # 4. The loop: noise instance + class latents, predict, prior-preservation loss, step (skipped if NaN/Inf).
     unet_call = training_unet_call(training.models["unet"], run.dtype, cfg, run.accelerator, plans)
     objective = DreamBoothObjective(unet_call, training_scheduler(pipe), latents, conditioning, examples, cfg,
                                     run.device)
-    exporter = RunExporter(cfg, pipe, kind.pipeline_class, training.lora_models, run, recipe, training.ema)
+    exporter = RunExporter(cfg, pipe, kind.pipeline_class, training.lora_models, run, recipe, training.ema, pivotal)
     checkpointer = Checkpointer(cfg, run, exporter.write)
-    validator = Validator(cfg.validation, run.accelerator, pipe, list(training.lora_models.values()),
-                          cfg.output_dir, cfg.train.resolution, validation_scorer(cfg, run.instance, run.accelerator))
+    validator = Validator(with_tokens(cfg.validation, pivotal), run.accelerator, pipe,
+                          list(training.lora_models.values()), cfg.output_dir, cfg.train.resolution,
+                          validation_scorer(cfg, run.instance, run.accelerator), cfg.validation.prompts)
     with phase("training"):
         result = train_loop(cfg, run, training, plans, objective, checkpointer, validator)
 

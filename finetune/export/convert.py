@@ -10,6 +10,7 @@ from ..config import ModelConfig
 from ..errors import FinetuneError
 from ..family import decide, model_facts
 from .diffusers_format import METADATA_PREFIX, WEIGHT_NAME, save_diffusers_layers
+from .embeddings import TokenEmbeddings, bundle_tensors, embeddings_for, save_embeddings
 from .kohya import save_kohya_lora
 from .lora_weights import LoraWeights, read_lora
 from .metadata import kohya_metadata
@@ -17,13 +18,15 @@ from .metadata import kohya_metadata
 FORMATS = ("kohya", "diffusers")
 
 
-def export_kohya(weights: LoraWeights, path: str | Path, info: dict, precision: str = "fp16") -> Path:
-    """The kohya file with the ss_*/modelspec.* keys the UIs show, plus our finetune.* info."""
+def export_kohya(weights: LoraWeights, path: str | Path, info: dict, precision: str = "fp16",
+                 embeddings: TokenEmbeddings | None = None) -> Path:
+    """The kohya file with the ss_*/modelspec.* keys the UIs show, plus our finetune.* info; `embeddings`
+    (pivotal tuning's) go in as sd-scripts' bundled embeddings, in fp32 like the alphas."""
     part = "unet" if "unet" in weights.layers else next(iter(weights.layers))
     has_text_encoder = any(name != "unet" for name in weights.layers)
     metadata = kohya_metadata(info, weights.rank(part), weights.alpha[part], has_text_encoder)
     metadata.update({METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
-    return save_kohya_lora(path, weights, metadata, precision)
+    return save_kohya_lora(path, weights, metadata, precision, bundle_tensors(embeddings) if embeddings else None)
 
 
 def export_diffusers(weights: LoraWeights, path: str | Path, info: dict) -> Path:
@@ -75,6 +78,13 @@ def convert_lora(src: str | Path, fmt: str, out: str | Path, precision: str = "f
     info.update(family=family.name, prediction_type=family.prediction_type)
     if weights.source_format == "kohya" and "trigger" not in info:
         info["trigger"] = weights.header.get("modelspec.trigger_phrase", "")
+    # Pivotal tuning's embeddings travel with the LoRA: bundled into a kohya file, beside a diffusers one.
+    embeddings = embeddings_for(src)
+    if len(embeddings) > 1:
+        raise FinetuneError(f"{src} bundles embeddings for {len(embeddings)} words; finetune converts one")
     if fmt == "kohya":
-        return export_kohya(weights, out, info, precision)
-    return export_diffusers(weights, out if out.suffix == ".safetensors" else out / WEIGHT_NAME, info)
+        return export_kohya(weights, out, info, precision, embeddings[0] if embeddings else None)
+    written = export_diffusers(weights, out if out.suffix == ".safetensors" else out / WEIGHT_NAME, info)
+    if embeddings:
+        save_embeddings(written.parent, embeddings[0], {"family": family.name})
+    return written

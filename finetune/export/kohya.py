@@ -47,8 +47,10 @@ def peft_to_kohya(weights: LoraWeights, dtype: torch.dtype = torch.float16) -> d
     return out
 
 
-def save_kohya_lora(path: str | Path, weights: LoraWeights, metadata: dict[str, str], precision: str = "fp16") -> Path:
-    """Write the kohya file atomically (an interrupted save leaves the old file intact)."""
+def save_kohya_lora(path: str | Path, weights: LoraWeights, metadata: dict[str, str], precision: str = "fp16",
+                    extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the kohya file atomically (an interrupted save leaves the old file intact); `extra` tensors (bundled
+    embeddings) go in beside the LoRA's."""
     if precision not in DTYPES:
         raise FinetuneError(f"kohya precision {precision!r}: choose one of {', '.join(DTYPES)}")
-    return save_safetensors_atomically(peft_to_kohya(weights, DTYPES[precision]), path, metadata)
+    return save_safetensors_atomically({**peft_to_kohya(weights, DTYPES[precision]), **(extra or {})}, path, metadata)

@@ -29,6 +29,7 @@ from ..family import Family, family_of_lora
 from ..lora import load_lora_state, lora_config, lora_state
 from .diffusers_format import WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
 from .diffusers_format import read_header
+from .embeddings import split_bundled
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -92,6 +93,7 @@ def read_lora(path: str | Path, unet_config=None, family: Family | None = None) 
         tensors, header = load_file(path), read_header(path)
     except (SafetensorError, OSError) as exc:
         raise FinetuneError(f"{path}: not a readable .safetensors file ({exc})") from None
+    tensors, _ = split_bundled(tensors)  # pivotal tuning's bundled embeddings: export.embeddings reads those
     for piece, kind in LYCORIS.items():
         if any(piece in key for key in tensors):
             example = next(key for key in tensors if piece in key)

@@ -6,6 +6,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..family import Family
+from .embeddings import EMBEDDINGS_NAME, rewrite_prompt, token_names
 
 SETTINGS = ("base_model", "family", "rank", "alpha", "unet_targets", "text_encoder", "steps", "epochs",
             "learning_rate", "batch_size", "resolution", "prediction_type", "num_train_images", "num_class_images",
@@ -32,17 +33,38 @@ def write_model_card(folder: str | Path, info: dict, license: str, kohya_file: s
         lines += ["## Samples", "", f"![samples]({grid})", ""]
     lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {key} | {info[key]} |" for key in SETTINGS if key in info]
+    word = info.get("pivotal_word")
+    tokens = token_names(int(info.get("pivotal_tokens", 0))) if word else []
+    prompt = rewrite_prompt(str(header.instance_prompt), str(word), "".join(tokens)) if word else \
+        header.instance_prompt
     lines += ["", "## Use it in diffusers", "", "```python", "import torch",
               f"from diffusers import {pipeline}", "",
               f"pipe = {pipeline}.from_pretrained(\"{header.base_model}\", dtype=torch.float16).to(\"cuda\")",
               "pipe.load_lora_weights(\"path/to/this/folder\")  # pytorch_lora_weights.safetensors",
-              f"image = pipe(\"{header.instance_prompt}\").images[0]", "```", ""]
+              *(embedding_lines(tokens, sdxl) if word else []),
+              f"image = pipe(\"{prompt}\").images[0]", "```", ""]
     if kohya_file:
         name = Path(kohya_file).stem
         lines += ["## Use it in AUTOMATIC1111, Forge or ComfyUI", "",
                   f"Copy `{kohya_file}` (kohya format) into `models/Lora/`. In A1111/Forge add "
                   f"`<lora:{name}:1>` to the prompt; in ComfyUI load it with a *LoraLoader* node. Strength 1 "
                   "matches diffusers' scale 1 (the file keeps the true alpha).", ""]
+        if word:
+            lines += [f"Pivotal tuning: the file bundles the embeddings for `{word}`, which A1111 and ComfyUI load "
+                      f"with the LoRA (or copy `embeddings/{word}.safetensors` into their embeddings folder); "
+                      f"write `{word}` in the prompt.", ""]
     path = folder / "README.md"
     ModelCard("\n".join(lines)).save(path)
     return path
+
+
+def embedding_lines(tokens: list[str], sdxl: bool) -> list[str]:
+    """Pivotal tuning's token embeddings into diffusers, once per text encoder."""
+    lines = ["from safetensors.torch import load_file", "",
+             f"embeddings = load_file(\"path/to/this/folder/{EMBEDDINGS_NAME}\")",
+             f"pipe.load_textual_inversion(embeddings[\"clip_l\"], token={tokens}, text_encoder=pipe.text_encoder, "
+             "tokenizer=pipe.tokenizer)"]
+    if sdxl:
+        lines.append(f"pipe.load_textual_inversion(embeddings[\"clip_g\"], token={tokens}, "
+                     "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)")
+    return lines

@@ -9,6 +9,7 @@ from ..family import Family
 from ..run_files import BEFORE_AFTER, SAMPLES
 from .convert import export_kohya
 from .diffusers_format import WEIGHT_NAME
+from .embeddings import EMBEDDINGS_NAME, UI_FOLDER, TokenEmbeddings
 from .hub import push_to_hub
 from .lora_weights import weights_from_models
 from .model_card import write_model_card
@@ -29,15 +30,24 @@ def sample_grid(output_dir: Path) -> str | None:
     return grids[-1].relative_to(output_dir).as_posix() if grids else None
 
 
-def publish(output_dir: str | Path, export: ExportConfig, models: dict, info: dict) -> list[Path]:
-    """Write what `export` asks for beside output_dir's diffusers file; return every file written."""
+def publish(output_dir: str | Path, export: ExportConfig, models: dict, info: dict,
+            embeddings: TokenEmbeddings | None = None) -> list[Path]:
+    """Write what `export` asks for beside output_dir's diffusers file (and lora.pivotal's embeddings files,
+    already written); return every file written. The kohya file bundles the embeddings."""
     output_dir = Path(output_dir)
     written, kohya_file = [output_dir / WEIGHT_NAME], None
+    if embeddings is not None:
+        written += [output_dir / EMBEDDINGS_NAME, output_dir / UI_FOLDER / f"{embeddings.word}.safetensors"]
     if export.kohya:
         kohya_file = kohya_file_name(output_dir)
+        bundled = embeddings if export.bundle_embeddings else None
         written.append(export_kohya(weights_from_models(models, Family.from_name(info["family"])),
-                                    output_dir / kohya_file, info, export.kohya_precision))
+                                    output_dir / kohya_file, info, export.kohya_precision, bundled))
         log.info("exported %s (kohya format)", written[-1])
+        if bundled is not None:
+            log.info("notice: %s bundles the %r embeddings (A1111 and ComfyUI read them; diffusers' "
+                     "load_lora_weights refuses the file: there, load %s and %s, or set "
+                     "export.bundle_embeddings=false)", kohya_file, bundled.word, WEIGHT_NAME, EMBEDDINGS_NAME)
     if export.model_card:
         written.append(write_model_card(output_dir, info, export.license, kohya_file, sample_grid(output_dir)))
     if export.push_to_hub:

@@ -126,13 +126,14 @@ def scaled_learning_rate(train: TrainConfig, num_processes: int) -> float:
     return train.learning_rate * {"none": 1.0, "linear": factor, "sqrt": math.sqrt(factor)}[train.scale_lr]
 
 
-def retarget_learning_rate(optimizer, lr_scheduler, lr: float) -> None:
+def retarget_learning_rate(optimizer, lr_scheduler, lr: float | list[float]) -> None:
     """After a resume: put the schedule on this run's peak LR (it differs from the checkpoint's when scale_lr
-    scales by a process count that changed) at the restored step."""
-    lr_scheduler.base_lrs = [lr] * len(lr_scheduler.base_lrs)
-    for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
-        group["initial_lr"] = lr
-        group["lr"] = lr * factor(lr_scheduler.last_epoch)
+    scales by a process count that changed) at the restored step; a list gives each optimizer group's."""
+    lrs = lr if isinstance(lr, list) else [lr] * len(lr_scheduler.base_lrs)
+    lr_scheduler.base_lrs = list(lrs)
+    for group, factor, peak in zip(optimizer.param_groups, lr_scheduler.lr_lambdas, lrs):
+        group["initial_lr"] = peak
+        group["lr"] = peak * factor(lr_scheduler.last_epoch)
     lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from .conditioning import ModelKind
 from .distributed import retarget_learning_rate, scaled_learning_rate
 from .ema import LoraEMA, NoEMA, lora_ema
 from .optim import build_lr_scheduler, build_optimizer
+from .pivotal import PivotalTuning
 from .preflight import claim_run, validate_run
 from .summary import PhaseClock
 
@@ -78,7 +80,8 @@ def encode_prompts(kind: ModelKind, pipe, examples: list[Example], cfg, run: Run
     training can see is encoded now, the encoders on the GPU alone, then back on the CPU. None when prompts are
     encoded each step instead (LoRA on the text encoders, tag shuffling): text_conditioning then."""
     cached = None
-    if cfg.train.cache_text_embeddings and not cfg.lora.text_encoder:
+    # Trained text encoders or token embeddings (lora.pivotal) change the embeddings: encoded each step then.
+    if cfg.train.cache_text_embeddings and not cfg.lora.text_encoder and not cfg.lora.pivotal:
         cached = possible_prompts([e.prompt for e in examples], cfg.data.caption_dropout, cfg.data.shuffle_tags)
     if cached is None:
         return None
@@ -164,26 +167,49 @@ class Training:
     lr_scheduler: Any  # a torch LambdaLR from diffusers' get_scheduler
     params: list[torch.nn.Parameter]
     ema: LoraEMA | NoEMA  # train.ema_decay: the EMA of params, what validation draws and exports write
+    step_hooks: list[Callable[[int], None]] = dataclasses.field(default_factory=list)  # called after each step
 
 
-def prepare_training(cfg, run: Run, lora_models: dict[str, torch.nn.Module], recipe: str) -> Training:
-    """Optimizer and schedule (in optimizer steps, at the learning rate train.scale_lr gives), Accelerate's
-    wrapping, LoRA-only checkpoints, the resumed state, and the TensorBoard tracker."""
+def learning_rates(cfg, lr: float, pivotal: PivotalTuning | None) -> list[float]:
+    """The peak learning rate of each optimizer group: the LoRA's, then (lora.pivotal) the token embeddings',
+    scaled as train.scale_lr scales the LoRA's."""
+    return [lr] + ([cfg.lora.pivotal_learning_rate * lr / cfg.train.learning_rate] if pivotal else [])
+
+
+def prepare_training(cfg, run: Run, lora_models: dict[str, torch.nn.Module], recipe: str,
+                     pivotal: PivotalTuning | None = None) -> Training:
+    """Optimizer and schedule (in optimizer steps, at the learning rate train.scale_lr gives; lora.pivotal's
+    token embeddings in a group of their own), Accelerate's wrapping, LoRA-only checkpoints, the resumed state,
+    and the TensorBoard tracker."""
     accelerator, train = run.accelerator, cfg.train
-    params = lora_parameters(*lora_models.values())
+    params = lora_weights = lora_parameters(*lora_models.values())
     lr = scaled_learning_rate(train, accelerator.num_processes)
-    optimizer = build_optimizer(params, dataclasses.replace(train, learning_rate=lr), accelerator.device)
+    lrs = learning_rates(cfg, lr, pivotal)
+    groups: list[Any] = [{"params": params}]
+    if pivotal:
+        pivotal.to(accelerator.device)
+        pivotal.reduce_gradients(accelerator)
+        groups.append({"params": pivotal.parameters(), "lr": lrs[1]})
+        params = params + pivotal.parameters()
+    optimizer = build_optimizer(groups, dataclasses.replace(train, learning_rate=lr), accelerator.device)
     lr_scheduler = build_lr_scheduler(optimizer, train)
     *wrapped, optimizer = accelerator.prepare(*lora_models.values(), optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
-    ema = lora_ema(params, train, accelerator)  # registered after the schedule: older checkpoints keep its index
+    # The EMA is of the LoRA weights only: lora.pivotal's rows are saved as trained, in every file and checkpoint.
+    ema = lora_ema(lora_weights, train, accelerator)  # registered after the schedule: older checkpoints keep its index
     register_lora_only_saving(accelerator)
     if run.resume_from:
         load_checkpoint(accelerator, run.resume_from)
-        retarget_learning_rate(optimizer, lr_scheduler, lr)
+        if pivotal:
+            pivotal.restore(run.resume_from)
+        retarget_learning_rate(optimizer, lr_scheduler, lrs)
         log.info("resumed from %s at step %d (%d samples seen)", run.resume_from, run.start, run.seen)
     if accelerator.is_main_process:
         accelerator.init_trackers(recipe, config=flat_hparams(to_dict(cfg)))
-    return Training(dict(zip(lora_models, wrapped)), {name: accelerator.unwrap_model(model) for name, model in
-                                                      zip(lora_models, wrapped)}, optimizer, lr_scheduler, params,
-                    ema)
+    training = Training(dict(zip(lora_models, wrapped)), {name: accelerator.unwrap_model(model) for name, model in
+                                                          zip(lora_models, wrapped)}, optimizer, lr_scheduler, params,
+                        ema)
+    if pivotal:
+        pivotal.step_done(run.start)  # resumed at or past lora.pivotal_stop_step: fixed from the start
+        training.step_hooks.append(pivotal.step_done)
+    return training

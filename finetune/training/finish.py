@@ -6,11 +6,13 @@ import logging
 from pathlib import Path
 
 from ..export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
+from ..export.embeddings import TokenEmbeddings, save_embeddings
 from ..export.metadata import tag_frequency
 from ..export.publish import publish
 from ..family import family_of_pipeline
 from ..run_files import NO_EMA_WEIGHT_NAME
 from .distributed import check_replicas_agree
+from .pivotal import PivotalTuning, pivotal_word
 from .run_dir import written_by_finetune
 from .run_lock import release_run_lock
 from .summary import write_summary
@@ -36,15 +38,19 @@ def export_info(cfg, pipe, run, steps: int, recipe: str) -> dict:
         info["ema_decay"] = cfg.train.ema_decay
     if run.photos.buckets:
         info["buckets"] = sorted({f"{w}x{h}" for w, h in run.photos.buckets})
+    if cfg.lora.pivotal:
+        info.update(pivotal_word=pivotal_word(cfg), pivotal_tokens=cfg.lora.pivotal_tokens)
     return info
 
 
 class RunExporter:
     """Writes a run's LoRA in diffusers format (a checkpoint's, or the final one) with the run's metadata."""
 
-    def __init__(self, cfg, pipe, pipeline_class, lora_models: dict, run, recipe: str, ema):
+    def __init__(self, cfg, pipe, pipeline_class, lora_models: dict, run, recipe: str, ema,
+                 pivotal: PivotalTuning | None = None):
         self.cfg, self.pipe, self.pipeline_class, self.lora_models = cfg, pipe, pipeline_class, lora_models
         self.run, self.recipe, self.ema = run, recipe, ema  # ema: finetune.training.ema's LoraEMA or NoEMA
+        self.pivotal = pivotal
 
     def info(self, steps: int) -> dict:
         return export_info(self.cfg, self.pipe, self.run, steps, self.recipe)
@@ -53,6 +59,9 @@ class RunExporter:
         """The diffusers file; with train.ema_decay it holds the EMA, and the trained weights go beside it
         (NO_EMA_WEIGHT_NAME), each file's header saying which it is (finetune.weights)."""
         encoders = {name: model for name, model in self.lora_models.items() if name != "unet"}
+        if self.pivotal:  # beside the LoRA, so a checkpoint holds the rows to resume from
+            save_embeddings(folder, self.pivotal.embeddings(), {"steps": steps,
+                                                                 "base_model": self.cfg.model.pretrained})
         unet, info = self.lora_models["unet"], self.info(steps)
         if not self.ema.enabled:
             stale = Path(folder) / NO_EMA_WEIGHT_NAME  # an earlier run's with EMA would pass for this one's
@@ -63,6 +72,9 @@ class RunExporter:
                             NO_EMA_WEIGHT_NAME)
         with self.ema.applied():
             return save_diffusers_lora(folder, self.pipeline_class, unet, encoders, {**info, "weights": "EMA"})
+
+    def embeddings(self) -> TokenEmbeddings | None:
+        return self.pivotal.embeddings() if self.pivotal else None
 
 
 def finish_run(cfg, run, exporter: RunExporter, checkpointer, validator, summary: dict, skipped: int) -> Path:
@@ -80,7 +92,7 @@ def finish_run(cfg, run, exporter: RunExporter, checkpointer, validator, summary
         with exporter.ema.applied():  # train.ema_decay: the grid and the kohya file show the EMA
             validator.before_after(steps)  # before the model card, which shows it
             if accelerator.is_main_process:
-                publish(output_dir, cfg.export, exporter.lora_models, exporter.info(steps))
+                publish(output_dir, cfg.export, exporter.lora_models, exporter.info(steps), exporter.embeddings())
     if accelerator.is_main_process:
         write_summary(output_dir, {**summary, **run.phases.summary()})
         log.info("summary: %d steps, %d skipped (NaN/Inf); %s", steps - run.start, skipped, run.photos.summary())

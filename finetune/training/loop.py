@@ -79,6 +79,8 @@ def train_loop(cfg, run: Run, training: Training, plans: list, objective, checkp
                             training.ema.step()  # train.ema_decay: only steps that were taken
                     training.optimizer.zero_grad(set_to_none=True)
         clock.step_done()
+        for hook in training.step_hooks:  # e.g. lora.pivotal's embeddings fixed from their stop step on
+            hook(step + 1)
         guard.record(step + 1)
         if (step + 1) % train.log_every == 0 or step + 1 == train.max_steps:
             log_step(accelerator, bar, step + 1, loss, parts, training.lr_scheduler, guard.skipped)

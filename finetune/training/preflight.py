@@ -23,11 +23,13 @@ from ..data.masks import attach_masks
 from ..data.screening import PhotoReport, screen_photos
 from ..errors import FinetuneError
 from ..export.diffusers_format import WEIGHT_NAME, finetune_metadata
+from ..export.embeddings import rewrite_prompt
 from ..export.lora_weights import read_lora
 from ..family import model_facts, resolve_family
 from ..models import describe_source
 from .checkpoint import find_checkpoint, resume_point
 from .distributed import samples_per_step
+from .pivotal import pivotal_word
 from .run_dir import check_folders_apart, check_output_dir, claim_output_dir
 
 log = logging.getLogger("finetune")
@@ -66,6 +68,8 @@ def validate_run(cfg, num_processes: int = 1, main_process: bool = True) -> Chec
     instance = attach_masks(instance, data)  # data.masks: one per photo, each checked now
     if main_process:
         check_prompt_lengths(instance, cfg)
+    if cfg.lora.pivotal:
+        check_pivotal_word(instance, cfg)
     class_images = screen_class_images(data.class_dir) if cfg.prior.num_class_images else ClassFolderReport()
     return CheckedRun(resume_from, start, seen, instance, photos, earlier, damaged, class_images)
 
@@ -108,6 +112,7 @@ def check_resume_settings(checkpoint: Path, step: int, cfg) -> None:
                                 f"lora.{key}={json.dumps(ours) if isinstance(ours, bool) else ours}; resume with the "
                                 "checkpoint's settings, or start afresh (train.overwrite=true or another output_dir)")
     check_resume_ema(checkpoint, header, cfg.train.ema_decay)
+    check_resume_pivotal(checkpoint, header, lora)
     family = local_model_family(cfg.model.pretrained)
     if family and header.get("family") and family != header["family"]:
         raise FinetuneError(f"train.resume: {checkpoint} was trained on {header.get('base_model')} (an "
@@ -125,6 +130,30 @@ def check_resume_ema(checkpoint: Path, header: dict, ema_decay: float) -> None:
         raise FinetuneError(f"train.resume: {checkpoint} was trained with {shown(theirs)}, this run sets "
                             f"{shown(ema_decay)}; resume with the checkpoint's setting, or start afresh "
                             "(train.overwrite=true or another output_dir)")
+
+
+def check_resume_pivotal(checkpoint: Path, header: dict, lora) -> None:
+    """lora.pivotal on or off and its token count as the checkpoint was trained (its optimizer has a group for the
+    tokens, its folder their rows)."""
+    if not header:
+        return
+    theirs = json.loads(header["pivotal_tokens"]) if "pivotal_tokens" in header else None
+    if theirs != (lora.pivotal_tokens if lora.pivotal else None):
+        said = f"lora.pivotal=true, lora.pivotal_tokens={theirs}" if theirs else "lora.pivotal=false"
+        raise FinetuneError(f"train.resume: {checkpoint} was trained with {said}; resume with the checkpoint's "
+                            "lora.pivotal settings, or start afresh (train.overwrite=true or another output_dir)")
+
+
+def check_pivotal_word(instance: list[Example], cfg) -> None:
+    """lora.pivotal's word stands in the instance prompts (else its tokens would never train) and not in the
+    class prompt (whose images must keep drawing the plain class)."""
+    word = pivotal_word(cfg)
+    if not any(rewrite_prompt(e.prompt, word, "") != e.prompt for e in instance):
+        raise FinetuneError(f"lora.pivotal_word: {word!r} is in none of the instance prompts (e.g. "
+                            f"{instance[0].prompt!r}); set lora.pivotal_word to the trigger's identifier word")
+    if cfg.prior.num_class_images and rewrite_prompt(cfg.data.class_prompt, word, "") != cfg.data.class_prompt:
+        raise FinetuneError(f"data.class_prompt: {cfg.data.class_prompt!r} holds lora.pivotal's word {word!r}; "
+                            "the class prompt names the plain class, e.g. 'a photo of dog'")
 
 
 def check_init_lora(lora, model) -> None:

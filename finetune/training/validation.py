@@ -27,8 +27,10 @@ class Validator:
     """Draws cfg.prompts with the training pipeline; `lora_models` are the modules carrying LoRA."""
 
     def __init__(self, cfg: ValidationConfig, accelerator, pipe, lora_models: list, output_dir: str | Path,
-                 resolution: int, metrics=None):
+                 resolution: int, metrics=None, base_prompts: list[str] | None = None):
         self.cfg, self.accelerator, self.pipe, self.lora_models = cfg, accelerator, pipe, lora_models
+        # The base model's images take the prompts as the user wrote them (lora.pivotal's tokens are the LoRA's).
+        self.base_prompts = base_prompts or cfg.prompts
         self.folder, self.resolution = Path(output_dir) / SAMPLES, resolution
         self.metrics, self.base = metrics, None  # validation.metrics: finetune.evaluation's scorer; base embeddings
         if cfg.prompts:
@@ -56,7 +58,7 @@ class Validator:
         images, drawn the first time, are also what prior drift compares with."""
         if self.base is None:
             with lora_disabled(self.lora_models):
-                self.base = self.metrics.embed(self.draw())
+                self.base = self.metrics.embed(self.draw(self.base_prompts))
             self.accelerator.log(self.metrics.scores(self.base, self.base), step=0)
         self.accelerator.log(self.metrics.scores(self.metrics.embed(images), self.base), step=step)
 
@@ -67,7 +69,7 @@ class Validator:
         path = None
         if self.accelerator.is_main_process:
             with lora_disabled(self.lora_models):
-                base = self.draw()
+                base = self.draw(self.base_prompts)
             lora = self.draw()
             n = self.cfg.num_images
             rows = [image for p in range(len(self.cfg.prompts))
@@ -78,14 +80,15 @@ class Validator:
         return path
 
     @torch.no_grad()
-    def draw(self) -> list:
-        """cfg.num_images images per prompt; image k from seed + k. The VAE decodes in fp32 (SDXL's overflows
-        in fp16), so the pipeline stops at latents."""
+    def draw(self, prompts: list[str] | None = None) -> list:
+        """cfg.num_images images per prompt (default: cfg.prompts); image k from seed + k. The VAE decodes in fp32
+        (SDXL's overflows in fp16), so the pipeline stops at latents."""
         device = self.accelerator.device
         cuda = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), on_device(self.pipe, device), self.accelerator.autocast():
-            latents: Any = generate(self.pipe, self.cfg.prompts, self.cfg.num_images, self.cfg.seed, self.cfg.steps,
-                               self.cfg.guidance, self.resolution, progress=False, output_type="latent")
+            latents: Any = generate(self.pipe, prompts or self.cfg.prompts, self.cfg.num_images, self.cfg.seed,
+                                    self.cfg.steps, self.cfg.guidance, self.resolution, progress=False,
+                                    output_type="latent")
             vae = self.pipe.vae
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             images = []
