@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -52,9 +50,11 @@ def cmd_show_config(args) -> None:
 def cmd_plan(args) -> None:
     import json
 
-    from .plan import parse_size, plan_report
+    from .plan import describe_size, parse_size, plan_report
     module, _ = load_recipe_config(args.config, args.overrides)
-    text, data = plan_report(module.Config, args.config, args.overrides, parse_size(args.gpu_memory))
+    gpu_mib = parse_size(args.gpu_memory)
+    text, data = plan_report(module.Config, args.config, args.overrides, gpu_mib,
+                             describe_size(args.gpu_memory, gpu_mib))
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
@@ -62,23 +62,23 @@ def cmd_plan(args) -> None:
 
 def cmd_generate(args) -> None:
     from .config import ModelConfig
-    from .data.images import image_grid
-    from .inference import device_and_dtype, generate, load_loras, parse_lora_arg, set_scheduler
+    from .console import plural
+    from .generated import draw_images, resolve_settings, write_generated
+    from .inference import device_and_dtype, load_loras, parse_lora_arg, set_scheduler
     from .models import load_pipeline
 
+    args = resolve_settings(args)  # --from-png's settings, then the defaults, under what the command line says
     device, dtype = device_and_dtype(args.device)
     pipe = load_pipeline(ModelConfig(pretrained=args.model), dtype=dtype)
-    load_loras(pipe, [parse_lora_arg(text) for text in args.lora])
+    loras = [parse_lora_arg(text) for text in args.lora]
+    load_loras(pipe, loras)
     set_scheduler(pipe, args.scheduler, "--scheduler")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    images = generate(pipe, args.prompt, args.num_images, args.seed, args.steps, args.guidance, args.resolution)
+    images = draw_images(pipe, args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(out / f"{i:04d}.png")
-    image_grid(images, rows=len(args.prompt)).save(out / "grid.png")
-    print(f"wrote {len(images)} images and grid.png to {out}")
+    write_generated(images, args, loras, out)
+    print(f"wrote {plural(len(images), 'image')} and grid.png to {out}")
 
 
 def cmd_export(args) -> None:
@@ -107,96 +107,126 @@ def cmd_env(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option says its default in --help (written into each help text, since argparse's defaults formatter
+    would also print the None of options whose default is computed)."""
+    from .generated import DEFAULTS as GEN
+
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the libraries' info messages and the warnings held back as not concerning "
+                             "this run")
 
-    train = sub.add_parser("train", help="train with a recipe config: finetune train CONFIG [section.key=value ...]")
+    train = sub.add_parser("train", parents=[common],
+                           help="train with a recipe config: finetune train CONFIG [section.key=value ...]")
     train.add_argument("config", help="YAML config (see recipes/configs/)")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=800")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=800 (default: none)")
     train.set_defaults(func=cmd_train)
 
-    show = sub.add_parser("show-config", help="print the resolved config (or every field with --docs)")
-    show.add_argument("config", nargs="?")
-    show.add_argument("overrides", nargs="*")
+    show = sub.add_parser("show-config", parents=[common],
+                          help="print the resolved config (or every field with --docs)")
+    show.add_argument("config", nargs="?", help="YAML config (default: none, the recipe's defaults)")
+    show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=800 (default: none)")
     show.add_argument("--docs", action="store_true", help="list every key with its default and meaning")
     show.set_defaults(func=cmd_show_config)
 
-    plan = sub.add_parser("plan", help="estimate peak GPU memory of a config and name the settings that fit a card")
+    plan = sub.add_parser("plan", parents=[common],
+                          help="estimate peak GPU memory of a config and name the settings that fit a card")
     plan.add_argument("config", help="YAML config (model.pretrained must be a local diffusers folder)")
-    plan.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
-    plan.add_argument("--gpu-memory", default="8GiB", help="the card's memory, e.g. 8GiB, 24GB, 6144MiB")
-    plan.add_argument("--json", default=None, help="also write the estimates to this JSON file")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, as for train (default: none)")
+    plan.add_argument("--gpu-memory", required=True, metavar="SIZE",
+                      help="the card's memory with its unit: GiB/MiB (2^30/2^20 bytes, as nvidia-smi counts) or "
+                           "GB/MB (10^9/10^6 bytes), e.g. 8GiB, 24GB, 6144MiB (required)")
+    plan.add_argument("--json", default=None, metavar="FILE",
+                      help="also write the estimates to this JSON file (default: none)")
     plan.set_defaults(func=cmd_plan)
 
-    gen = sub.add_parser("generate", help="generate images with a base model and LoRAs")
-    gen.add_argument("--model", required=True, help="base model: Hub id, diffusers folder or .safetensors file")
+    gen = sub.add_parser("generate", parents=[common], help="generate images with a base model and LoRAs")
+    gen.add_argument("--model", default=None,
+                     help="base model: Hub id, diffusers folder or .safetensors file (required, unless --from-png)")
     gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                     help="LoRA file or run folder, optionally with its scale; repeat for several")
-    gen.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several")
-    gen.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    gen.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k")
-    gen.add_argument("--steps", type=int, default=25, help="sampler steps")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    gen.add_argument("--scheduler", default="dpm++", help="dpm++, ddim, euler, euler_a, pndm or default")
-    gen.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
-    gen.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    gen.add_argument("--out", default="generated", help="folder for the PNGs and grid.png")
+                     help="LoRA file or run folder, optionally with its scale (default scale 1); repeat for several "
+                          "(default: none)")
+    gen.add_argument("--prompt", action="append", default=None,
+                     help="prompt; repeat for several (required, unless --from-png)")
+    gen.add_argument("--negative-prompt", default=None,
+                     help="what the images should not show (default: none)")
+    gen.add_argument("--num-images", type=int, default=None, help=f"images per prompt (default: {GEN['num_images']})")
+    gen.add_argument("--seed", type=int, default=None,
+                     help=f"image k of each prompt uses seed + k (default: {GEN['seed']})")
+    gen.add_argument("--steps", type=int, default=None, help=f"sampler steps (default: {GEN['steps']})")
+    gen.add_argument("--guidance", type=float, default=None,
+                     help=f"classifier-free guidance scale (default: {GEN['guidance']})")
+    gen.add_argument("--scheduler", default=None,
+                     help=f"dpm++, ddim, euler, euler_a, pndm or default (default: {GEN['scheduler']})")
+    gen.add_argument("--resolution", type=int, default=None,
+                     help="image size in pixels (default: the model's, e.g. 512 for SD 1.5)")
+    gen.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available, else cpu)")
+    gen.add_argument("--from-png", default=None, metavar="IMAGE",
+                     help="draw an image again from the parameters inside a PNG that generate or validation wrote; "
+                          "options given as well replace the image's (default: none)")
+    gen.add_argument("--out", default="generated", help="folder for the PNGs and grid.png (default: %(default)s)")
     gen.set_defaults(func=cmd_generate)
 
-    exp = sub.add_parser("export", help="convert a LoRA between kohya and diffusers formats, or fuse it into "
-                                        "its base model")
+    exp = sub.add_parser("export", parents=[common],
+                         help="convert a LoRA between kohya and diffusers formats, or fuse it into its base model")
     exp.add_argument("src", help="LoRA file (either format) or run folder")
-    exp.add_argument("--format", choices=["kohya", "diffusers"], help="convert to this LoRA format")
-    exp.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="kohya weight precision")
+    exp.add_argument("--format", choices=["kohya", "diffusers"],
+                     help="convert to this LoRA format (default: none; one of --format or --fuse is needed)")
+    exp.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"],
+                     help="kohya weight precision (default: %(default)s)")
     exp.add_argument("--fuse", action="store_true", help="write the base model with the LoRA fused in")
-    exp.add_argument("--base", help="with --fuse: base model (Hub id, diffusers folder or .safetensors file)")
-    exp.add_argument("--base-config", default=None, help="with --fuse and a single-file base: its config folder")
-    exp.add_argument("--scale", type=float, default=1.0, help="with --fuse: LoRA strength")
-    exp.add_argument("--out", required=True, help="output .safetensors file, or folder")
+    exp.add_argument("--base", help="with --fuse: base model (Hub id, diffusers folder or .safetensors file) "
+                                    "(default: none, required with --fuse)")
+    exp.add_argument("--base-config", default=None,
+                     help="with --fuse and a single-file base: its config folder (default: inferred by diffusers)")
+    exp.add_argument("--scale", type=float, default=1.0, help="with --fuse: LoRA strength (default: %(default)s)")
+    exp.add_argument("--out", required=True, help="output .safetensors file, or folder (required)")
     exp.set_defaults(func=cmd_export)
 
-    demo = sub.add_parser("demo", help="offline demo: tiny model, real photos, train, export, generate")
-    demo.add_argument("--out", default="demo-output", help="folder for everything the demo writes")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
+    demo = sub.add_parser("demo", parents=[common], help="offline demo: tiny model, real photos, train, export, "
+                                                         "generate")
+    demo.add_argument("--out", default="demo-output",
+                      help="folder for everything the demo writes (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="training steps (default: the demo config's train.max_steps)")
     demo.set_defaults(func=cmd_demo)
 
-    env = sub.add_parser("env", help="versions, CUDA and bitsandbytes status, known bad combinations: paste it "
-                                     "into bug reports")
+    env = sub.add_parser("env", parents=[common], help="versions, CUDA and bitsandbytes status, known bad "
+                                                       "combinations: paste it into bug reports")
     env.set_defaults(func=cmd_env)
     return parser
 
 
-def quiet_libraries() -> None:
-    """Our progress bars and notices, not the libraries' loading chatter."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("accelerate", "peft"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    import diffusers.utils.logging
-    import transformers.utils.logging
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+def error_line(text: str) -> None:
+    """An error on its own line, also when a progress bar was left open by the failure."""
+    from tqdm.auto import tqdm
+    tqdm.write(text, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_libraries()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .console import configure
     args = build_parser().parse_args(argv)
+    configure(verbose=args.verbose)  # before the libraries are imported: some warn while importing
     try:
-        args.func(args)
+        with logging_redirect_tqdm():  # log lines through tqdm.write: never on a progress bar's line
+            args.func(args)
     except FinetuneError as exc:
-        print(f"finetune: error: {exc}", file=sys.stderr)
+        error_line(f"finetune: error: {exc}")
         return getattr(exc, "exit_code", 2)
     except OSError as exc:
         if exc.errno not in DISK_ERRORS:
             raise
         # A full disk or a read-only folder mid-run: every file is written under a temporary name and renamed,
         # so what was written before (checkpoints, the previous export) is intact.
-        print(f"finetune: error: {exc.filename or 'writing'}: {exc.strerror}; earlier files are intact: free disk "
-              "space or fix permissions, then run again (train.resume=latest continues training)", file=sys.stderr)
+        error_line(f"finetune: error: {exc.filename or 'writing'}: {exc.strerror}; earlier files are intact: free "
+                   "disk space or fix permissions, then run again (train.resume=latest continues training)")
         return 2
     except KeyboardInterrupt:
-        print("finetune: interrupted", file=sys.stderr)
+        error_line("finetune: interrupted")
         return 130
     return 0
 

@@ -8,8 +8,10 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        EulerDiscreteScheduler, PNDMScheduler)
 from PIL import Image
 
+from .console import brief
 from .errors import FinetuneError
 
+BATCH_SIZE = 4  # images per pipeline call in generate
 SCHEDULERS = {
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
     "ddim": (DDIMScheduler, {}),
@@ -51,7 +53,7 @@ def load_loras(pipe, loras: list[tuple[str, float]]) -> None:
         try:
             pipe.load_lora_weights(path, adapter_name=names[-1])
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise FinetuneError(f"--lora {path}: could not be loaded ({str(exc).splitlines()[0][:200]})") from None
+            raise FinetuneError(f"--lora {path}: could not be loaded ({brief(exc, 200)})") from None
     if names:
         pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
 
@@ -63,17 +65,30 @@ def device_and_dtype(device: str | None = None) -> tuple[str, torch.dtype]:
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: int = 25,
-             guidance: float = 7.5, resolution: int | None = None, batch_size: int = 4,
+             guidance: float = 7.5, resolution: int | None = None, batch_size: int = BATCH_SIZE,
              progress: bool = True, **pipe_kwargs) -> list[Image.Image]:
     """`num_images` images per prompt; image k of a prompt always uses seed + k, so runs compare 1:1.
 
     `pipe_kwargs` go to the pipeline call (output_type="latent" returns latents instead of images)."""
     jobs = [(prompt, seed + k) for prompt in prompts for k in range(num_images)]
+    return draw_jobs(pipe, jobs, steps, guidance, resolution, batch_size, progress, **pipe_kwargs)
+
+
+def generation_batches(jobs: list[tuple[str, int]], batch_size: int = BATCH_SIZE) -> list[list[tuple[str, int]]]:
+    """The batches `generate` draws `jobs` in. The batch decides an image's last bits on some hardware (CPU kernels
+    differ by batch shape), so a PNG records its batch and `generate --from-png` redraws that batch."""
+    return [jobs[start:start + batch_size] for start in range(0, len(jobs), batch_size)]
+
+
+@torch.no_grad()
+def draw_jobs(pipe, jobs: list[tuple[str, int]], steps: int = 25, guidance: float = 7.5,
+              resolution: int | None = None, batch_size: int = BATCH_SIZE, progress: bool = True,
+              **pipe_kwargs) -> list[Image.Image]:
+    """One image per (prompt, seed) job, `batch_size` jobs per pipeline call."""
     size = {"height": resolution, "width": resolution} if resolution else {}
     device = pipe._execution_device
     images = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
+    for chunk in generation_batches(jobs, batch_size):
         generators = [torch.Generator(device).manual_seed(s) for _, s in chunk]
         images += pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
                        generator=generators, **size, **pipe_kwargs).images

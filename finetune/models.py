@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
 
 from .config import ModelConfig
+from .console import brief, log_phase
 from .errors import FinetuneError
 
 SINGLE_FILE_SUFFIXES = (".safetensors",)
@@ -51,22 +53,25 @@ def load_pipeline(model: ModelConfig, pipeline_class: type[DiffusionPipeline] = 
 
     With model.quantize_unet=nf4 the U-Net comes in 4 bits on the GPU, computing in `compute_dtype`.
     """
-    source = describe_source(model.pretrained, model.allow_pickle)
+    source, started = describe_source(model.pretrained, model.allow_pickle), time.perf_counter()
     if pipeline_class is StableDiffusionPipeline:
         extra = {"safety_checker": None, "requires_safety_checker": False, **extra}
     if model.quantize_unet != "none":
         extra = {"unet": load_nf4_unet(model, source, compute_dtype), **extra}
     try:
         if source == "file":
-            return pipeline_class.from_single_file(model.pretrained, config=model.single_file_config,
+            pipe = pipeline_class.from_single_file(model.pretrained, config=model.single_file_config,
                                                    dtype=dtype, **extra)
-        return pipeline_class.from_pretrained(model.pretrained, revision=model.revision, variant=model.variant,
-                                              dtype=dtype, use_safetensors=None if model.allow_pickle else True,
-                                              **extra)
+        else:
+            pipe = pipeline_class.from_pretrained(model.pretrained, revision=model.revision, variant=model.variant,
+                                                  dtype=dtype, use_safetensors=None if model.allow_pickle else True,
+                                                  **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        reason = brief(exc)
         where = "the Hub (are you online and is the id right?)" if source == "hub" else "disk"
         raise FinetuneError(f"model.pretrained: could not load {model.pretrained} from {where}: {reason}") from None
+    log_phase("model", f"{model.pretrained} loaded", started)
+    return pipe
 
 
 def load_nf4_unet(model: ModelConfig, source: str, compute_dtype: torch.dtype):
@@ -85,7 +90,7 @@ def load_nf4_unet(model: ModelConfig, source: str, compute_dtype: torch.dtype):
                                                     variant=model.variant, quantization_config=config,
                                                     torch_dtype=compute_dtype)
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        reason = brief(exc)
         raise FinetuneError(f"model.quantize_unet=nf4: could not load the U-Net of {model.pretrained} in 4 bits: "
                             f"{reason}") from None
 
