@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -16,7 +17,9 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from ..config import DataConfig, PriorConfig, TrainConfig
+from ..console import log_phase, plural
 from ..data.class_images import generate_class_images, generation_dtype, missing_class_indices
+from ..data.class_sizes import notice_other_sizes
 from ..data.dataset import Example, class_examples
 from ..errors import FinetuneError
 from ..lora import lora_state
@@ -48,6 +51,7 @@ def ensure_class_images(accelerator: Accelerator, pipe, data: DataConfig, prior:
     if not data.class_prompt.strip():
         raise FinetuneError("data.class_prompt is empty; describe the class, e.g. 'a photo of a dog'")
     missing, share = class_image_share(accelerator, data.class_dir, prior.num_class_images)
+    started = time.perf_counter()
     if missing:
         pipe.to(accelerator.device, generation_dtype(accelerator.device, accelerator.mixed_precision))
         generate_class_images(pipe, data.class_dir, data.class_prompt, prior, resolution, seed, accelerator.device,
@@ -55,13 +59,19 @@ def ensure_class_images(accelerator: Accelerator, pipe, data: DataConfig, prior:
     accelerator.wait_for_everyone()
     if missing:
         report_class_images(accelerator, data.class_dir, prior.num_class_images, share)
-    return class_examples(data.class_dir, data.class_prompt, prior.num_class_images)
+    examples = class_examples(data.class_dir, data.class_prompt, prior.num_class_images)
+    log_phase("class images", f"{plural(len(missing), 'image')} drawn into {data.class_dir} "
+              f"({len(examples) - len(missing)} already there)" if missing else None, started,
+              f"{plural(len(examples), 'image')} found in {data.class_dir}, none to draw")
+    if accelerator.is_main_process:
+        notice_other_sizes([e.path for e in examples], resolution)
+    return examples
 
 
 def report_class_images(accelerator: Accelerator, folder: str | Path, wanted: int, share: list[int]) -> None:
     """After everyone generated: say who drew what (one line, main process); fail if the set is still short."""
     shares = gather_object([share]) if accelerator.num_processes > 1 else [share]
-    if accelerator.is_main_process and any(shares):
+    if accelerator.is_main_process and accelerator.num_processes > 1 and any(shares):
         log.info("class images generated per process: %s",
                  "; ".join(f"process {rank}: {s}" for rank, s in enumerate(shares)))
     left = missing_class_indices(Path(folder), wanted)

@@ -16,18 +16,20 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import cast_training_params
 
-from ..config import LoraConfig, TrainConfig, to_dict
+from ..config import LoraConfig, TrainConfig
+from ..console import log_phase, plural
 from ..data.captions import possible_prompts
 from ..data.dataset import BatchPlan, Example, LatentSource, SampleOrder, cache_keys, instance_examples, plan_batch
 from ..data.screening import PhotoReport, screen_photos
 from ..lora import add_text_encoder_lora, add_unet_lora, lora_parameters
 from ..models import freeze, is_quantized
-from .accelerator import flat_hparams, make_accelerator, weight_dtype
+from .accelerator import make_accelerator, weight_dtype
 from .checkpoint import load_checkpoint, register_lora_only_saving, resume_point
 from .conditioning import ModelKind
 from .distributed import retarget_learning_rate, samples_per_step, scaled_learning_rate
 from .optim import build_lr_scheduler, build_optimizer
 from .run_dir import prepare_output_dir
+from .tensorboard import start_tensorboard
 
 log = logging.getLogger("finetune")
 
@@ -105,11 +107,13 @@ def plan_share(cfg, run: Run, num_class: int) -> list[BatchPlan]:
 def encode_latents(vae, examples: list[Example], plans: list[BatchPlan], cfg, device) -> LatentSource:
     """The VAE latents the plans read; with train.cache_latents (and center crops) each (photo, flip, bucket)
     this process reads is encoded once, and the VAE leaves the GPU."""
-    cache = cfg.train.cache_latents and cfg.data.center_crop
+    cache, started = cfg.train.cache_latents and cfg.data.center_crop, time.perf_counter()
     latents = LatentSource(vae, examples, cfg.train.resolution, cache, cfg.data.random_flip, device,
                            keys=cache_keys(plans))
     if cache:
         vae.to("cpu")  # done with it: free the GPU memory
+    log_phase("latents", f"{plural(len(latents.cache), 'image')} encoded" if cache else None, started,
+              "encoded at each step (train.cache_latents=false or data.center_crop=false)")
     return latents
 
 
@@ -121,10 +125,13 @@ def encode_prompts(kind: ModelKind, pipe, training: "Training", examples: list[E
     cached = None
     if cfg.train.cache_text_embeddings and not cfg.lora.text_encoder:
         cached = possible_prompts([e.prompt for e in examples], cfg.data.caption_dropout, cfg.data.shuffle_tags)
+    started = time.perf_counter()
     conditioning = kind.conditioning(pipe, encoders, cached, device)
     if cached is not None:
         for encoder in encoders:
             encoder.to("cpu")
+    log_phase("prompts", f"{len(cached)} encoded" if cached is not None else None, started,
+              "encoded at each step (text-encoder LoRA, tag shuffling or train.cache_text_embeddings=false)")
     return conditioning
 
 
@@ -152,7 +159,6 @@ def prepare_training(cfg, run: Run, lora_models: dict[str, torch.nn.Module], rec
         load_checkpoint(accelerator, run.resume_from)
         retarget_learning_rate(optimizer, lr_scheduler, lr)
         log.info("resumed from %s at step %d (%d samples seen)", run.resume_from, run.start, run.seen)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(recipe, config=flat_hparams(to_dict(cfg)))
+    start_tensorboard(accelerator, cfg, recipe, run.start, resumed=run.resume_from is not None)
     return Training(dict(zip(lora_models, wrapped)), {name: accelerator.unwrap_model(model) for name, model in
                                                       zip(lora_models, wrapped)}, optimizer, lr_scheduler, params)

@@ -9,6 +9,7 @@ from ..export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
 from ..export.metadata import model_family, tag_frequency
 from ..export.publish import publish
 from .distributed import check_replicas_agree
+from .report import log_finished_run
 from .summary import write_summary
 
 log = logging.getLogger("finetune")
@@ -54,15 +55,15 @@ def finish_run(cfg, run, exporter: RunExporter, checkpointer, validator, summary
     upload. Returns the diffusers file."""
     accelerator, steps, output_dir = run.accelerator, cfg.train.max_steps, Path(cfg.output_dir)
     check_replicas_agree(accelerator, *exporter.lora_models.values())
-    checkpointer.save(steps)
+    checkpoint = checkpointer.save(steps)
     final = output_dir / WEIGHT_NAME
     if accelerator.is_main_process:
         final = exporter.write(output_dir, steps)
         write_summary(output_dir, summary)
-        log.info("exported %s (%s it/s)", final, summary["steady_it_per_s"])
-    validator.before_after(steps)  # before the model card, which shows it
+    grid = validator.before_after(steps)  # before the model card, which shows it
     if accelerator.is_main_process:
-        publish(output_dir, cfg.export, exporter.lora_models, exporter.info(steps))
-        log.info("summary: %d steps, %d skipped (NaN/Inf); %s", steps - run.start, skipped, run.photos.summary())
+        written = publish(output_dir, cfg.export, exporter.lora_models, exporter.info(steps))
+        log_finished_run(output_dir, written + ([grid] if grid else []), checkpoint, summary, skipped,
+                         run.photos.summary())
     accelerator.end_training()
     return final
