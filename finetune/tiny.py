@@ -15,6 +15,8 @@ from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PND
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .files import follow_umask
+
 TINY_RESOLUTION = 64  # pixels; the VAE downsamples 8x, like SD's, so latents are 8x8
 TEXT_DIM = 32
 
@@ -94,6 +96,7 @@ def build_tiny_sd(folder: str | Path, family: str = "sd1", seed: int = 0) -> Pat
                                    tokenizer=tokenizer, unet=tiny_unet(family), scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
+    follow_umask(folder)  # safetensors writes 0600 (finetune.files)
     save_tokenizer(tokenizer, folder / "tokenizer")
     return folder
 
@@ -119,6 +122,7 @@ def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
         text_encoder_2=tiny_text_encoder(len(tokenizer), with_projection=True), tokenizer=tokenizer,
         tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(folder, safe_serialization=True)
+    follow_umask(folder)  # safetensors writes 0600 (finetune.files)
     save_tokenizer(tokenizer, folder / "tokenizer")
     save_tokenizer(tokenizer, folder / "tokenizer_2")
     return folder

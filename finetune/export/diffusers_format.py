@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from ..files import follow_umask
 from ..lora import adapter_metadata
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -53,7 +54,7 @@ def save_diffusers_layers(path: str | Path, pipeline_class, layers: dict, adapte
         header.update({METADATA_PREFIX + key: _as_text(value) for key, value in info.items()})
         header[METADATA_PREFIX + "version"] = __version__
         save_file(tensors, written, metadata=header)
-        os.replace(written, path)
+        os.replace(follow_umask(written), path)  # safetensors writes 0600 (finetune.files)
     return path
 
 

@@ -9,13 +9,13 @@ A1111's and ComfyUI's loaders map them to the original layout, for SDXL as well.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from ..errors import FinetuneError
+from ..files import follow_umask, scratch_path
 from .lora_weights import LoraWeights
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -103,11 +103,10 @@ def save_kohya_lora(path: str | Path, weights: LoraWeights, metadata: dict[str, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = peft_to_kohya(weights, DTYPES[precision])
-    handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=".kohya-", suffix=".safetensors")
-    os.close(handle)
+    scratch = scratch_path(path, "kohya")  # not mkstemp: its 0600 would outlive the rename
     try:
         save_file(tensors, scratch, metadata=metadata)
-        os.replace(scratch, path)
+        os.replace(follow_umask(scratch), path)  # safetensors writes 0600 (finetune.files)
     finally:
         if os.path.exists(scratch):
             os.remove(scratch)

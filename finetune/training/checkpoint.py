@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from ..errors import FinetuneError
+from ..files import follow_umask
 from ..lora import load_lora_state, lora_state
 
 CHECKPOINTS = "checkpoints"
@@ -22,7 +23,9 @@ def register_lora_only_saving(accelerator: Accelerator) -> None:
     def save(models, weights, output_dir):
         if accelerator.is_main_process:
             for i, model in enumerate(models):
-                save_file(lora_state(accelerator.unwrap_model(model)), os.path.join(output_dir, f"lora_{i}.safetensors"))
+                path = os.path.join(output_dir, f"lora_{i}.safetensors")
+                save_file(lora_state(accelerator.unwrap_model(model)), path)
+                follow_umask(path)  # safetensors writes 0600 (finetune.files)
         weights.clear()
 
     def load(models, input_dir):
