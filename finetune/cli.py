@@ -10,6 +10,10 @@ from pathlib import Path
 from .errors import FinetuneError
 
 DEFAULT_RECIPE = "dreambooth_lora"
+# The defaults of the generate options --from-png can fill: the parser's are None, so a value given on the command
+# line is told apart from one left out; --help shows these.
+GENERATE_DEFAULTS = {"num_images": 4, "seed": 0, "steps": 25, "guidance": 7.5, "scheduler": "dpm++",
+                     "negative_prompt": ""}
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -67,7 +71,7 @@ def cmd_generate(args) -> None:
     from .inference import device_and_dtype, load_loras, parse_lora_arg, set_scheduler
     from .models import load_pipeline
 
-    args = resolve_settings(args)  # --from-png's settings, then the defaults, under what the command line says
+    args = resolve_settings(args, GENERATE_DEFAULTS)  # --from-png's, then the defaults, under the command line's
     device, dtype = device_and_dtype(args.device)
     pipe = load_pipeline(ModelConfig(pretrained=args.model), dtype=dtype)
     loras = [parse_lora_arg(text) for text in args.lora]
@@ -109,8 +113,6 @@ def cmd_env(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Every option says its default in --help (written into each help text, since argparse's defaults formatter
     would also print the None of options whose default is computed)."""
-    from .generated import DEFAULTS as GEN
-
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -142,32 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write the estimates to this JSON file (default: none)")
     plan.set_defaults(func=cmd_plan)
 
-    gen = sub.add_parser("generate", parents=[common], help="generate images with a base model and LoRAs")
-    gen.add_argument("--model", default=None,
-                     help="base model: Hub id, diffusers folder or .safetensors file (required, unless --from-png)")
-    gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                     help="LoRA file or run folder, optionally with its scale (default scale 1); repeat for several "
-                          "(default: none)")
-    gen.add_argument("--prompt", action="append", default=None,
-                     help="prompt; repeat for several (required, unless --from-png)")
-    gen.add_argument("--negative-prompt", default=None,
-                     help="what the images should not show (default: none)")
-    gen.add_argument("--num-images", type=int, default=None, help=f"images per prompt (default: {GEN['num_images']})")
-    gen.add_argument("--seed", type=int, default=None,
-                     help=f"image k of each prompt uses seed + k (default: {GEN['seed']})")
-    gen.add_argument("--steps", type=int, default=None, help=f"sampler steps (default: {GEN['steps']})")
-    gen.add_argument("--guidance", type=float, default=None,
-                     help=f"classifier-free guidance scale (default: {GEN['guidance']})")
-    gen.add_argument("--scheduler", default=None,
-                     help=f"dpm++, ddim, euler, euler_a, pndm or default (default: {GEN['scheduler']})")
-    gen.add_argument("--resolution", type=int, default=None,
-                     help="image size in pixels (default: the model's, e.g. 512 for SD 1.5)")
-    gen.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available, else cpu)")
-    gen.add_argument("--from-png", default=None, metavar="IMAGE",
-                     help="draw an image again from the parameters inside a PNG that generate or validation wrote; "
-                          "options given as well replace the image's (default: none)")
-    gen.add_argument("--out", default="generated", help="folder for the PNGs and grid.png (default: %(default)s)")
-    gen.set_defaults(func=cmd_generate)
+    add_generate_parser(sub, common)
 
     exp = sub.add_parser("export", parents=[common],
                          help="convert a LoRA between kohya and diffusers formats, or fuse it into its base model")
@@ -199,6 +176,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_generate_parser(sub, common: argparse.ArgumentParser) -> None:
+    """generate's options: those --from-png can fill default to None (their defaults: GENERATE_DEFAULTS)."""
+    defaults = GENERATE_DEFAULTS
+    gen = sub.add_parser("generate", parents=[common], help="generate images with a base model and LoRAs")
+    gen.add_argument("--model", default=None,
+                     help="base model: Hub id, diffusers folder or .safetensors file (required, unless --from-png)")
+    gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                     help="LoRA file or run folder, optionally with its scale (default scale 1); repeat for several "
+                          "(default: none)")
+    gen.add_argument("--prompt", action="append", default=None,
+                     help="prompt; repeat for several (required, unless --from-png)")
+    gen.add_argument("--negative-prompt", default=None,
+                     help="what the images should not show (default: none)")
+    gen.add_argument("--num-images", type=int, default=None,
+                     help=f"images per prompt (default: {defaults['num_images']})")
+    gen.add_argument("--seed", type=int, default=None,
+                     help=f"image k of each prompt uses seed + k (default: {defaults['seed']})")
+    gen.add_argument("--steps", type=int, default=None, help=f"sampler steps (default: {defaults['steps']})")
+    gen.add_argument("--guidance", type=float, default=None,
+                     help=f"classifier-free guidance scale (default: {defaults['guidance']})")
+    gen.add_argument("--scheduler", default=None,
+                     help=f"dpm++, ddim, euler, euler_a, pndm or default (default: {defaults['scheduler']})")
+    gen.add_argument("--resolution", type=int, default=None,
+                     help="image size in pixels (default: the model's, e.g. 512 for SD 1.5)")
+    gen.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available, else cpu)")
+    gen.add_argument("--from-png", default=None, metavar="IMAGE",
+                     help="draw an image again from the parameters inside a PNG that generate or validation wrote; "
+                          "options given as well replace the image's (default: none)")
+    gen.add_argument("--out", default="generated", help="folder for the PNGs and grid.png (default: %(default)s)")
+    gen.set_defaults(func=cmd_generate)
+
+
 def error_line(text: str) -> None:
     """An error on its own line, also when a progress bar was left open by the failure."""
     from tqdm.auto import tqdm
@@ -211,24 +220,27 @@ def main(argv: list[str] | None = None) -> int:
     from .console import configure
     args = build_parser().parse_args(argv)
     configure(verbose=args.verbose)  # before the libraries are imported: some warn while importing
+    message, code = None, 0
     try:
         with logging_redirect_tqdm():  # log lines through tqdm.write: never on a progress bar's line
             args.func(args)
     except FinetuneError as exc:
-        error_line(f"finetune: error: {exc}")
-        return getattr(exc, "exit_code", 2)
+        message, code = f"finetune: error: {exc}", getattr(exc, "exit_code", 2)
     except OSError as exc:
         if exc.errno not in DISK_ERRORS:
             raise
         # A full disk or a read-only folder mid-run: every file is written under a temporary name and renamed,
         # so what was written before (checkpoints, the previous export) is intact.
-        error_line(f"finetune: error: {exc.filename or 'writing'}: {exc.strerror}; earlier files are intact: free "
-                   "disk space or fix permissions, then run again (train.resume=latest continues training)")
-        return 2
+        message, code = (f"finetune: error: {exc.filename or 'writing'}: {exc.strerror}; earlier files are intact: "
+                         "free disk space or fix permissions, then run again (train.resume=latest continues "
+                         "training)"), 2
     except KeyboardInterrupt:
-        error_line("finetune: interrupted")
-        return 130
-    return 0
+        message, code = "finetune: interrupted", 130
+    if message:
+        # Printed once the exception is gone: a progress bar it held open has been closed (its line ended), so the
+        # error is the last line and no bar is drawn again below it.
+        error_line(message)
+    return code
 
 
 if __name__ == "__main__":

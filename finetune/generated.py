@@ -14,13 +14,9 @@ from .inference import draw_jobs, generate, generation_batches
 from .legend import labelled_grid, seed_columns
 from .pnginfo import ImageParams, LoraUse, model_reference, params_from_png, save_png
 
-# The defaults of the options --from-png can fill (the parser's are None, so a value given on the command line is
-# told apart from one left out); --help shows these.
-DEFAULTS = {"num_images": 4, "seed": 0, "steps": 25, "guidance": 7.5, "scheduler": "dpm++", "negative_prompt": ""}
 
-
-def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill what the command line left out: from --from-png's image, then from DEFAULTS. With --from-png the image
+def resolve_settings(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
+    """Fill what the command line left out: from --from-png's image, then from `defaults`. With --from-png the image
     is drawn once (--num-images 1) unless asked otherwise; --lora replaces the image's LoRAs."""
     args.redraw = None
     if args.from_png:
@@ -38,7 +34,7 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
                 setattr(args, key, value)
         if not args.lora:
             args.lora = [f"{lora.path}:{lora.scale}" for lora in params.loras]
-    for key, value in DEFAULTS.items():
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if not args.model or not args.prompt:

@@ -209,7 +209,7 @@ def test_help_states_every_default(name, capsys):
         assert re.search(r"\((default|required)[:,)]", entry), entry
     assert all(len(entry.split()) > 2 for entry in positionals), positionals  # each has a help text
     if name == "generate":
-        from finetune.generated import DEFAULTS
+        from finetune.cli import GENERATE_DEFAULTS as DEFAULTS
         text = "\n".join(entries)
         assert "--out OUT folder for the PNGs and grid.png (default: generated)" in text
         for option, key in (("--steps", "steps"), ("--seed", "seed"), ("--guidance", "guidance"),

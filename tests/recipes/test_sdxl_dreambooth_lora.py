@@ -45,8 +45,9 @@ def test_cli_trains_two_buckets_with_captions_and_the_export_reloads_equal(tiny_
     assert code == 0, err
     result = results[0]
     samples = tmp_path / "run" / "samples"
-    assert Image.open(samples / "step-000003.png").size == (128, 128)
-    assert Image.open(samples / "before_after.png").size == (128, 256)
+    for name, kinds in (("step-000003.png", [True]), ("before_after.png", [False, True])):  # labelled grids
+        cells = json.loads(Image.open(samples / name).text["finetune"])["grid"]
+        assert [c["lora"] for c in cells] == kinds and all(c["box"][2:] == [128, c["box"][1] + 128] for c in cells)
     card = (tmp_path / "run" / "README.md").read_text()  # the model card shows the base-vs-LoRA grid
     assert "![samples](samples/before_after.png)" in card and "StableDiffusionXLPipeline" in card
     meta = finetune_metadata(result.export)
