@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
 
+from ..console import brief
 from ..errors import ConfigError, FinetuneError
 
 BATCH = 32  # images per forward pass of an embedding model
@@ -27,7 +28,7 @@ def load_from(name: str, key: str, loader: Callable[[str], object]):
     try:
         return loader(str(local) if local.is_dir() else name)
     except (OSError, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = brief(exc, 200)
         if local.is_dir():
             raise FinetuneError(f"{key}: {name} is not a loadable transformers model folder ({reason})") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")

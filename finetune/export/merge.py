@@ -7,7 +7,7 @@ from typing import Any
 from ..config import ModelConfig
 from ..family import resolve_family
 from ..models import load_pipeline
-from ..storage import save_safetensors_atomically
+from ..storage import follow_umask, save_safetensors_atomically
 from .metadata import FAMILIES
 from .pipeline_lora import load_lora
 from .single_file import ldm_state_dict
@@ -25,7 +25,7 @@ def fuse_lora_into(base: ModelConfig, lora: str | Path, scale: float, out: str |
     pipe.unload_lora_weights()  # drop the adapter modules; the fused base weights stay
     if out.suffix != ".safetensors":
         pipe.save_pretrained(out, safe_serialization=True)
-        return out
+        return follow_umask(out)  # safetensors writes 0600 (finetune.storage)
     state = ldm_state_dict(pipe, family)
     # modelspec.* say what the file is (its architecture and prediction type, which the weights do not show)
     header = {"format": "pt", "finetune.lora": str(lora), "finetune.scale": str(scale),

@@ -10,6 +10,7 @@ from ..run_files import BEFORE_AFTER, SAMPLES
 from .convert import export_kohya
 from .diffusers_format import WEIGHT_NAME
 from .hub import push_to_hub
+from .license import model_card_license
 from .lora_weights import weights_from_models
 from .model_card import write_model_card
 
@@ -37,9 +38,9 @@ def publish(output_dir: str | Path, export: ExportConfig, models: dict, info: di
         kohya_file = kohya_file_name(output_dir)
         written.append(export_kohya(weights_from_models(models, Family.from_name(info["family"])),
                                     output_dir / kohya_file, info, export.kohya_precision))
-        log.info("exported %s (kohya format)", written[-1])
     if export.model_card:
-        written.append(write_model_card(output_dir, info, export.license, kohya_file, sample_grid(output_dir)))
+        license = model_card_license(export.license, str(info.get("base_model", "")))
+        written.append(write_model_card(output_dir, info, license, kohya_file, sample_grid(output_dir)))
     if export.push_to_hub:
         grid = sample_grid(output_dir)
         files = [p.name for p in written] + ([grid] if grid else [])
