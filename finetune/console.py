@@ -26,6 +26,8 @@ IRRELEVANT = [
      "said on every dtype cast, here with an empty list: no module of the model needs float32"),
     ("diffusers.loaders.lora_base", "No LoRA keys associated to",
      "loading a LoRA trained without text-encoder LoRA (lora.text_encoder=false): it has no such keys by design"),
+    ("py.warnings", re.compile(r".*UserWarning: Already found a `peft_config` attribute in the model"),
+     "peft's warning on a second adapter: generate loads each --lora as its own adapter, several by design"),
 ]
 # Libraries whose own INFO chatter (loading, device placement) is not ours to print; warnings still show.
 LIBRARIES = ("diffusers", "transformers", "accelerate", "peft", "bitsandbytes", "datasets", "huggingface_hub",

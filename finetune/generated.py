@@ -143,4 +143,5 @@ def write_generated(images: list, args: argparse.Namespace, loras: list[tuple[st
     boxes = [box for k, box in enumerate(grid.boxes) if shown is None or k % len(columns)]
     records = [{"file": f"{i:04d}.png", "prompt": p.prompt, "seed": p.seed, "box": list(box)}
                for i, (p, box) in enumerate(zip(params, boxes))]
-    return save_png(grid.image, out / "grid.png", params[0], records)
+    inputs = [list(box) for k, box in enumerate(grid.boxes) if shown is not None and not k % len(columns)]
+    return save_png(grid.image, out / "grid.png", params[0], records, {"input_boxes": inputs} if inputs else None)

@@ -115,11 +115,13 @@ def a1111_text(params: ImageParams) -> str:
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, path: str | Path, params: ImageParams, cells: list[dict] | None = None) -> Path:
-    """Write `image` as a PNG holding `params` (A1111's text and our JSON); `cells` describes a grid's images."""
+def save_png(image: Image.Image, path: str | Path, params: ImageParams, cells: list[dict] | None = None,
+             extra: dict | None = None) -> Path:
+    """Write `image` atomically as a PNG holding `params` (A1111's text and our JSON); `cells` describes a grid's
+    images, `extra` adds entries to the JSON (e.g. the protocol behind eval's plot)."""
     info = PngImagePlugin.PngInfo()
     info.add_text(TEXT_KEY, a1111_text(params))  # Pillow writes iTXt itself when the text is not Latin-1
-    record = {"version": 1, **dataclasses.asdict(params)}
+    record = {"version": 1, **dataclasses.asdict(params), **(extra or {})}
     if cells is not None:
         record["grid"] = cells
     info.add_text(KEY, json.dumps(record, ensure_ascii=False))

@@ -113,14 +113,21 @@ def test_train_says_each_phase_then_where_the_files_are_and_how_to_load_them(sho
     root, runs = showcase
     run = root / "run"
     lines = [r.getMessage() for r in runs["train"][3]]
-    expected = [rf"model: {root}/base-model loaded in \d+\.\d s",
-                rf"class images: 2 images found in {root}/class_images, none to draw",
-                r"latents: \d images encoded in \d+\.\d s",        # the photos and class images 4 steps read
-                r"prompts: 3 encoded in \d+\.\d s",               # instance, caption of cat_3, class
-                r"training: 4 steps \(1 to 4\) in \d+\.\d s, [\d.]+ it/s after warm-up",
+    seconds = r"(\d+\.\d|\d+|\d+ min \d\d) s"  # console.seconds: 0.4 s, 12 s, 3 min 05 s
+    took = rf"\({seconds}\)"
+    expected = [rf"start-up and imports: {seconds}",
+                rf"loading weights: {root}/base-model loaded {took}",
+                rf"class images: 2 images found in {root}/class_images, none to draw {took}",
+                # instance, caption of cat_3, class; the photos and class images the 4 steps read
+                rf"encoding: 3 prompts encoded; \d images encoded {took}",
+                rf"LoRA and optimizer: {seconds}",
+                rf"training: 4 steps \(1 to 4\), [\d.]+ it/s after warm-up {took}",
+                rf"export: 4 files written {took}",                # diffusers, kohya, card, before/after
                 r"done: 4 steps, 0 skipped \(NaN/Inf\); photos: 5 used, 0 skipped"]
-    for pattern in expected:
-        assert any(re.fullmatch(pattern, line) for line in lines), (pattern, "\n".join(lines))
+    found = [next((i for i, line in enumerate(lines) if re.fullmatch(pattern, line)), None) for pattern in expected]
+    assert None not in found, (expected[found.index(None)], "\n".join(lines))
+    assert found == sorted(found)  # in the order the phases run, each said once
+    assert sum(line.startswith("training: ") for line in lines) == 1
     assert (f"notice: 2 class images of 2 in {root}/class_images are not 64x64 (48x48: 2); they are resized like "
             "photos. To train on class images drawn at 64 px, empty the folder or set data.class_dir to a new one"
             ) in lines
@@ -135,8 +142,8 @@ def test_train_says_each_phase_then_where_the_files_are_and_how_to_load_them(sho
                         "(ComfyUI: models/loras/, a LoraLoader node)"]
     # Resumed at its last step, the run has nothing to train and says so, with no speed ("None it/s").
     resumed = [r.getMessage() for r in runs["resume"][3]]
-    assert ("training: nothing to do, the checkpoint is at step 4 = train.max_steps (raise train.max_steps to "
-            "train further)") in resumed
+    assert any(re.fullmatch(r"training: nothing to do, the checkpoint is at step 4 = train.max_steps \(raise "
+                            rf"train.max_steps to train further\) \({seconds}\)", line) for line in resumed), resumed
     assert "done: 4 steps (0 this run), 0 skipped (NaN/Inf); photos: 5 used, 0 skipped" in resumed
     assert not any("None" in line for line in resumed)
 
@@ -176,6 +183,18 @@ def test_show_config_docs_prints_nothing_but_the_table():
     assert result.stdout.splitlines()[0].startswith("model.pretrained ")
 
 
+def test_generate_with_two_loras_in_a_fresh_process_prints_only_its_own_lines(showcase):
+    """Outside pytest's own capture of warnings, where peft warns on the second adapter and the libraries warn at
+    import: stderr stays empty, stdout holds generate's two lines."""
+    root, _ = showcase
+    result = subprocess.run([sys.executable, "-m", "finetune", "generate", "--model", str(root / "base-model"),
+                             "--lora", str(root / "run"), "--lora", f"{root / 'run' / 'run.safetensors'}:0.5",
+                             "--prompt", "a dog", "--num-images", "1", "--steps", "2", "--out", str(root / "gen2")],
+                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.splitlines() == ["generated 1/1 images", f"wrote 1 image and grid.png to {root / 'gen2'}"]
+
+
 def test_verbose_shows_what_is_held_back(capsys):
     from finetune.console import configure
     noisy = logging.getLogger("bitsandbytes.backends.cpu.ops")
@@ -197,11 +216,11 @@ def help_entries(name: str, capsys) -> list[str]:
     return [" ".join(entry.split()) for entry in re.split(r"\n(?=  \S)", body) if entry.startswith("  ")]
 
 
-@pytest.mark.parametrize("name", ["train", "show-config", "plan", "generate", "export", "demo"])
+@pytest.mark.parametrize("name", ["train", "show-config", "plan", "generate", "eval", "export", "demo"])
 def test_help_states_every_default(name, capsys):
     """Each argument that takes a value says its default, or that it is required; flags are off unless given."""
     entries = help_entries(name, capsys)
-    flags = {"-h, --help", "-v, --verbose", "--docs", "--fuse"}
+    flags = {"-h, --help", "-v, --verbose", "--docs", "--fuse", "--overwrite"}
     options = [e for e in entries if e.startswith("-") and not any(e.startswith(flag + " ") for flag in flags)]
     positionals = [e for e in entries if not e.startswith("-")]
     assert options or name in ("train", "show-config")
