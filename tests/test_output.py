@@ -30,7 +30,7 @@ UMASK = 0o027  # files 0640, folders 0750: not the 022 most machines use, so a m
 # Progress bars as tqdm draws them: "desc: NN%|bar| n/total [times]" and nothing else on that segment.
 BAR = re.compile(r"[\w ()'.-]*: +\d+%\|[^|]*\| *\d+/\d+ \[[^\]]*\] *")
 THIRD_PARTY = ("gemm_4bit", "[transformers]", "torchvision", "kept in float32", "No LoRA keys", "Warning:",
-               "FutureWarning", "UserWarning", "DeprecationWarning", "Traceback")
+               "FutureWarning", "UserWarning", "DeprecationWarning", "Traceback", "LOAD REPORT", "warnings.warn")
 
 
 class Records(logging.Handler):
@@ -193,6 +193,19 @@ def test_generate_with_two_loras_in_a_fresh_process_prints_only_its_own_lines(sh
                             cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert result.stdout.splitlines() == ["generated 1/1 images", f"wrote 1 image and grid.png to {root / 'gen2'}"]
+
+
+def test_train_in_a_fresh_process_prints_only_finetune_lines_and_bars(tiny_sd1, photos, tmp_path):
+    """Outside pytest's capture of warnings: every piece of stderr is a progress bar or one of finetune's lines."""
+    args = tiny_overrides(tiny_sd1, photos, tmp_path, **{"prior.num_class_images": 0, "train.max_steps": 2})
+    result = subprocess.run([sys.executable, "-m", "finetune", "train", SD15, *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    ours = ("start-up and imports: ", "loading weights: ", "class images: ", "encoding: ", "LoRA and optimizer: ",
+            "notice: ", "training: ", "export: ", "done: ", "  ", "load the LoRA:")
+    for piece in segments(result.stderr):
+        assert BAR.fullmatch(piece) or piece.startswith(ours), f"not a finetune line: {piece!r}"
+    assert not any(marker in result.stdout + result.stderr for marker in THIRD_PARTY)
 
 
 def test_verbose_shows_what_is_held_back(capsys):

@@ -6,13 +6,14 @@ says how to fetch it once and point the key at the folder.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
+from transformers import MODEL_MAPPING, AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
 
 from ..console import brief
 from ..errors import ConfigError, FinetuneError
@@ -88,9 +89,19 @@ class ClipEmbedder(ImageEmbedder):
             .float().cpu()
 
 
+def dino_model(name: str):
+    """The DINO model without a pooling layer where its class has one (ViT): the DINO authors' checkpoints carry
+    none, and the embedding is the CLS token, so a pooler would only be random weights that transformers reports
+    as missing on every load."""
+    config = AutoConfig.from_pretrained(name)
+    model_class = MODEL_MAPPING[type(config)]
+    takes_pooler = "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+    return AutoModel.from_pretrained(name, config=config, **({"add_pooling_layer": False} if takes_pooler else {}))
+
+
 def load_dino(name: str, device, dtype=torch.float32) -> DinoEmbedder:
     key = "eval.dino_model"
-    return DinoEmbedder(load_from(name, key, AutoModel.from_pretrained),
+    return DinoEmbedder(load_from(name, key, dino_model),
                         load_from(name, key, AutoImageProcessor.from_pretrained), device, dtype)
 
 
