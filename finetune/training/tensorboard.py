@@ -3,7 +3,7 @@
 Accelerate's tracker would store the config with SummaryWriter.add_hparams' default, a new run named by the
 time (plus an hparams.yml in another timestamped folder): every start and resume added an empty run beside the
 real one. Here the hyperparameters go into the run itself, a fresh run removes an earlier run's events (only a
-folder with no checkpoints, or train.overwrite=true, starts fresh: run_dir refuses the rest), and a resumed run
+folder with no checkpoints, or train.overwrite=true, starts fresh: preflight refuses the rest), and a resumed run
 passes TensorBoard's `purge_step`, so the steps after its checkpoint that the stopped run had logged are dropped
 and the curves stay one run with steps in order.
 """
