@@ -334,7 +334,7 @@ def add_generate_parser(sub, common: argparse.ArgumentParser) -> None:
                           "--model's own weights)")
     gen.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available, else cpu)")
     gen.add_argument("--from-png", default=None, metavar="IMAGE",
-                     help="draw an image again from the parameters inside a PNG that generate, validation or eval "
+                     help="draw an image again from the parameters inside one of the NNNN.png images generate "
                           "wrote; options given as well replace the image's (default: none)")
     gen.add_argument("--out", default="generated", help="folder for the PNGs and grid.png (default: %(default)s)")
     gen.set_defaults(func=cmd_generate)

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from . import __version__
+from .console import brief
 from .data.images import save_png_atomically
 from .errors import FinetuneError
 
@@ -130,15 +131,21 @@ def save_png(image: Image.Image, path: str | Path, params: ImageParams, cells: l
 
 def read_params(path: str | Path) -> dict:
     """The JSON a PNG of ours carries; a one-line error for any other file."""
+    if not Path(path).is_file():
+        raise FinetuneError(f"--from-png {path}: no such file")
     try:
         with Image.open(path) as image:
             text = getattr(image, "text", {}).get(KEY)
     except (OSError, ValueError) as exc:
-        raise FinetuneError(f"--from-png {path}: not a readable PNG ({exc})") from None
+        raise FinetuneError(f"--from-png {path}: not a readable PNG ({brief(exc, 200)})") from None
     if not text:
         raise FinetuneError(f"--from-png {path}: the image holds no finetune parameters (it was not written by "
-                            "finetune generate or validation)")
-    return json.loads(text)
+                            "finetune generate)")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise FinetuneError(f"--from-png {path}: its finetune parameters are not valid JSON (edited by hand?); "
+                            "give an image as generate wrote it") from None
 
 
 def params_from_png(path: str | Path) -> ImageParams:

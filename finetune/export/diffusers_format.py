@@ -6,17 +6,18 @@ made from to the safetensors header and write it atomically, so an interrupted s
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import get_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..lora import adapter_metadata
-from ..storage import save_safetensors_atomically
+from ..storage import follow_umask
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_PREFIX = "finetune."
@@ -46,15 +47,18 @@ def save_diffusers_layers(path: str | Path, pipeline_class, layers: dict, adapte
     for name in layers:
         kwargs[f"{name}_lora_layers"] = layers[name]
         kwargs[f"{name}_lora_adapter_metadata"] = adapters[name]
-    # diffusers writes the keys and its adapter config into a scratch folder; the file is written again with our
-    # header entries added, by the one atomic writer (which also makes it follow the umask).
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
         pipeline_class.save_lora_weights(scratch, weight_name=WEIGHT_NAME, **kwargs)
         written = Path(scratch) / WEIGHT_NAME
         tensors, header = load_file(written), read_header(written)
-    header.update({METADATA_PREFIX + key: _as_text(value) for key, value in info.items()})
-    header[METADATA_PREFIX + "version"] = __version__
-    return save_safetensors_atomically(tensors, path, header)
+        header.update({METADATA_PREFIX + key: _as_text(value) for key, value in info.items()})
+        header[METADATA_PREFIX + "version"] = __version__
+        save_file(tensors, written, metadata=header)
+        # The file diffusers wrote, rewritten in its scratch folder with our header entries and renamed into place:
+        # storage.save_safetensors_atomically's write-then-rename, on a file diffusers made first. safetensors
+        # writes 0600 (finetune.storage).
+        os.replace(follow_umask(written), path)
+    return path
 
 
 def read_header(path: str | Path) -> dict[str, str]:

@@ -31,18 +31,22 @@ class PhaseClock:
     'class images: 4 images drawn into class_images/ (12 s, peak 3412 MiB reserved)'. The times are kept for
     train_summary.json.
 
-    The first entry is the process's start-up and imports, from the moment the OS started the process.
+    The first entry is the process's start-up and imports, from the moment the OS started the process; its line
+    comes with the first phase, so a run that stops at its checks (before any phase) prints only its error.
     """
 
     def __init__(self, device: torch.device, main_process: bool = True):
         self.device, self.main_process = device, main_process
-        startup = time.time() - psutil.Process().create_time()
-        self.seconds: dict[str, float] = {"start-up and imports": round(startup, 2)}
+        self.startup = time.time() - psutil.Process().create_time()
+        self.seconds: dict[str, float] = {"start-up and imports": round(self.startup, 2)}
         self.peak_mib: dict[str, int] = {}
-        self.say("start-up and imports", None, startup)
+        self.started_phases = False
 
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[Phase]:
+        if not self.started_phases:
+            self.started_phases = True
+            self.say("start-up and imports", None, self.startup)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
