@@ -54,13 +54,14 @@ def worker(args) -> None:
     """Runs in every process of one `accelerate launch`; the main process writes the figures."""
     import torch
 
-    from finetune.cli import load_recipe_config, quiet_libraries
+    from finetune.cli import load_recipe_config
+    from finetune.console import configure
     from finetune.models import load_pipeline
     from finetune.training.accelerator import make_accelerator
     from finetune.training.distributed import ensure_class_images
     from recipes import dreambooth_lora
 
-    quiet_libraries()
+    configure()
     work = Path(args.work) / f"p{args.worker}"
     base = overrides(args, Path(args.model), Path(args.photos), work)
     _, cfg = load_recipe_config(SD15_CONFIG, base + [f"output_dir={work / 'setup'}"])

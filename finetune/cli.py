@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import logging
 import math
 import os
 import sys
@@ -16,6 +15,9 @@ from .errors import FinetuneError
 from .storage import storage_reason, writing_into
 
 DEFAULT_RECIPE = "dreambooth_lora"
+# The defaults of the generate options --from-png can fill: the parser's are None, so a value given on the command
+# line is told apart from one left out; --help shows these.
+GENERATE_DEFAULTS = {"num_images": 4, "seed": 0, "steps": 25, "guidance": 7.5, "scheduler": "dpm++"}
 
 
 def recipe_module(name: str):
@@ -162,25 +164,27 @@ def cmd_show_config(args) -> None:
 def cmd_plan(args) -> None:
     import json
 
-    from .plan import plan_report
+    from .plan import describe_size, plan_report
     gpu_mib = check_plan_args(args)
     module, _ = load_recipe_config(args.config, args.overrides)
-    text, data = plan_report(module.Config, args.config, args.overrides, gpu_mib)
+    text, data = plan_report(module.Config, args.config, args.overrides, gpu_mib,
+                             describe_size(args.gpu_memory, gpu_mib))
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def cmd_generate(args) -> None:
-    from .inference import Sampling, generate_command, parse_lora_arg, save_images
+    from .console import plural
+    from .generated import draw, resolve_settings, write_generated
+    from .inference import parse_lora_arg
 
+    resolve_settings(args, GENERATE_DEFAULTS)  # --from-png's, then the defaults, under the command line's
     check_generate_args(args)
-    sampling = Sampling(args.num_images, args.seed, args.steps, args.guidance, args.negative_prompt)
-    images, shown = generate_command(args.model, args.prompt, [parse_lora_arg(text) for text in args.lora], sampling,
-                                     args.scheduler, args.device, args.resolution, args.init_image, args.mask,
-                                     args.strength, args.inpaint_model)
-    out = save_images(images, args.out, rows=len(args.prompt), beside=shown)
-    print(f"wrote {len(images)} images and grid.png to {out}")
+    loras = [parse_lora_arg(text) for text in args.lora]
+    images, shown = draw(args, loras)
+    write_generated(images, args, loras, Path(args.out), shown)
+    print(f"wrote {plural(len(images), 'image')} and grid.png to {args.out}")
 
 
 def cmd_eval(args) -> None:
@@ -225,100 +229,138 @@ def cmd_env(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option says its default in --help (written into each help text, since argparse's defaults formatter
+    would also print the None of options whose default is computed)."""
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the libraries' info messages and the warnings held back as not concerning "
+                             "this run")
 
-    train = sub.add_parser("train", help="train with a recipe config: finetune train CONFIG [section.key=value ...]")
+    train = sub.add_parser("train", parents=[common],
+                           help="train with a recipe config: finetune train CONFIG [section.key=value ...]")
     train.add_argument("config", help="YAML config (see recipes/configs/)")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=800")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=800 (default: none)")
     train.set_defaults(func=cmd_train)
 
-    show = sub.add_parser("show-config", help="print the resolved config (or every field with --docs)")
-    show.add_argument("config", nargs="?")
-    show.add_argument("overrides", nargs="*")
+    show = sub.add_parser("show-config", parents=[common],
+                          help="print the resolved config (or every field with --docs)")
+    show.add_argument("config", nargs="?", help="YAML config (default: none, the recipe's defaults)")
+    show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=800 (default: none)")
     show.add_argument("--docs", action="store_true", help="list every key with its default and meaning")
     show.set_defaults(func=cmd_show_config)
 
-    plan = sub.add_parser("plan", help="estimate peak GPU memory of a config and name the settings that fit a card")
+    plan = sub.add_parser("plan", parents=[common],
+                          help="estimate peak GPU memory of a config and name the settings that fit a card")
     plan.add_argument("config", help="YAML config (model.pretrained must be a local diffusers folder)")
-    plan.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
-    plan.add_argument("--gpu-memory", default="8GiB", help="the card's memory, e.g. 8GiB, 24GB, 6144MiB")
-    plan.add_argument("--json", default=None, help="also write the estimates to this JSON file")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, as for train (default: none)")
+    plan.add_argument("--gpu-memory", required=True, metavar="SIZE",
+                      help="the card's memory with its unit: GiB/MiB (2^30/2^20 bytes, as nvidia-smi counts) or "
+                           "GB/MB (10^9/10^6 bytes), e.g. 8GiB, 24GB, 6144MiB (required)")
+    plan.add_argument("--json", default=None, metavar="FILE",
+                      help="also write the estimates to this JSON file (default: none)")
     plan.set_defaults(func=cmd_plan)
 
-    gen = sub.add_parser("generate", help="generate images with a base model and LoRAs: from noise, from an image "
-                                          "(--init-image), or into a masked region of it (--mask)")
-    gen.add_argument("--model", required=True, help="base model: Hub id, diffusers folder or .safetensors file")
-    gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                     help="LoRA file or run folder, optionally with its scale; repeat for several")
-    gen.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several")
-    gen.add_argument("--negative-prompt", default=None, help="what to steer away from, for every prompt")
-    gen.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    gen.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k")
-    gen.add_argument("--steps", type=int, default=25, help="sampler steps")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    gen.add_argument("--scheduler", default="dpm++", help="dpm++, ddim, euler, euler_a, pndm or default")
-    gen.add_argument("--resolution", type=int, default=None, help="image size in pixels, a multiple of 8 (default: "
-                                                                  "the model's; with --init-image: the image's)")
-    gen.add_argument("--init-image", default=None, help="image-to-image: start from this picture (sides multiples "
-                                                        "of 8)")
-    gen.add_argument("--strength", type=float, default=None, help="with --init-image: how far to move from it, 0 "
-                                                                  "(keep) to 1 (draw anew); default 0.75, with "
-                                                                  "--mask 1.0")
-    gen.add_argument("--mask", default=None, help="with --init-image: inpaint where this image (same size) is white")
-    gen.add_argument("--inpaint-model", default=None, help="with --mask: an inpainting checkpoint of --model's "
-                                                           "family to paint with (default: --model's own weights)")
-    gen.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    gen.add_argument("--out", default="generated", help="folder for the PNGs and grid.png")
-    gen.set_defaults(func=cmd_generate)
+    add_generate_parser(sub, common)
+    add_eval_parser(sub, common)
 
-    ev = sub.add_parser("eval", help="subject and prompt fidelity (DINO, CLIP-I, CLIP-T) and prior drift of each "
-                                     "checkpoint, by the DreamBooth paper's protocol")
-    ev.add_argument("run", help="run folder (output_dir of finetune train) or a LoRA file")
-    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.instance_dir=photos/ eval.num_images=2")
-    ev.add_argument("--checkpoints", default="all", help="all, latest, or step-N,step-M,... (default: all)")
-    ev.add_argument("--config", default=None, help="the training YAML, for data.instance_dir, eval.* and the model")
-    ev.add_argument("--out", default=None, help="folder for the results (default: RUN/eval)")
-    ev.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    ev.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
-    ev.set_defaults(func=cmd_eval)
-
-    exp = sub.add_parser("export", help="convert a LoRA between kohya and diffusers formats, or fuse it into "
-                                        "its base model")
+    exp = sub.add_parser("export", parents=[common],
+                         help="convert a LoRA between kohya and diffusers formats, or fuse it into its base model")
     exp.add_argument("src", help="LoRA file (either format) or run folder")
-    exp.add_argument("--format", choices=["kohya", "diffusers"], help="convert to this LoRA format")
-    exp.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="kohya weight precision")
+    exp.add_argument("--format", choices=["kohya", "diffusers"],
+                     help="convert to this LoRA format (default: none; one of --format or --fuse is needed)")
+    exp.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"],
+                     help="kohya weight precision (default: %(default)s)")
     exp.add_argument("--fuse", action="store_true", help="write the base model with the LoRA fused in")
     exp.add_argument("--base", help="the model the LoRA was trained on (Hub id, diffusers folder or .safetensors "
                                     "file): needed with --fuse, and to convert a file that does not name its family "
-                                    "or uses the original U-Net layout (sd-scripts' SDXL files)")
-    exp.add_argument("--base-config", default=None, help="with a single-file --base: its config folder or Hub id")
-    exp.add_argument("--scale", type=float, default=1.0, help="with --fuse: LoRA strength")
-    exp.add_argument("--out", required=True, help="output .safetensors file, or folder")
+                                    "or uses the original U-Net layout (sd-scripts' SDXL files) (default: none)")
+    exp.add_argument("--base-config", default=None,
+                     help="with a single-file --base: its config folder or Hub id (default: inferred by diffusers)")
+    exp.add_argument("--scale", type=float, default=1.0, help="with --fuse: LoRA strength (default: %(default)s)")
+    exp.add_argument("--out", required=True, help="output .safetensors file, or folder (required)")
     exp.set_defaults(func=cmd_export)
 
-    demo = sub.add_parser("demo", help="offline demo: tiny model, real photos, train, export, generate")
-    demo.add_argument("--out", default="demo-output", help="folder for everything the demo writes")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
+    demo = sub.add_parser("demo", parents=[common], help="offline demo: tiny model, real photos, train, export, "
+                                                         "generate")
+    demo.add_argument("--out", default="demo-output",
+                      help="folder for everything the demo writes (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="training steps (default: the demo config's train.max_steps)")
     demo.set_defaults(func=cmd_demo)
 
-    env = sub.add_parser("env", help="versions, CUDA and bitsandbytes status, known bad combinations: paste it "
-                                     "into bug reports")
+    env = sub.add_parser("env", parents=[common], help="versions, CUDA and bitsandbytes status, known bad "
+                                                       "combinations: paste it into bug reports")
     env.set_defaults(func=cmd_env)
     return parser
 
 
-def quiet_libraries() -> None:
-    """Our progress bars and notices, not the libraries' loading chatter."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("accelerate", "peft"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    import diffusers.utils.logging
-    import transformers.utils.logging
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+def add_generate_parser(sub, common: argparse.ArgumentParser) -> None:
+    """generate's options: those --from-png can fill default to None (their defaults: GENERATE_DEFAULTS)."""
+    defaults = GENERATE_DEFAULTS
+    gen = sub.add_parser("generate", parents=[common], help="generate images with a base model and LoRAs: from "
+                         "noise, from an image (--init-image), or into a masked region of it (--mask)")
+    gen.add_argument("--model", default=None,
+                     help="base model: Hub id, diffusers folder or .safetensors file (required, unless --from-png)")
+    gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                     help="LoRA file or run folder, optionally with its scale (default scale 1); repeat for several "
+                          "(default: none)")
+    gen.add_argument("--prompt", action="append", default=None,
+                     help="prompt; repeat for several (required, unless --from-png)")
+    gen.add_argument("--negative-prompt", default=None,
+                     help="what to steer away from, for every prompt (default: none)")
+    gen.add_argument("--num-images", type=int, default=None,
+                     help=f"images per prompt (default: {defaults['num_images']})")
+    gen.add_argument("--seed", type=int, default=None,
+                     help=f"image k of each prompt uses seed + k (default: {defaults['seed']})")
+    gen.add_argument("--steps", type=int, default=None, help=f"sampler steps (default: {defaults['steps']})")
+    gen.add_argument("--guidance", type=float, default=None,
+                     help=f"classifier-free guidance scale (default: {defaults['guidance']})")
+    gen.add_argument("--scheduler", default=None,
+                     help=f"dpm++, ddim, euler, euler_a, pndm or default (default: {defaults['scheduler']})")
+    gen.add_argument("--resolution", type=int, default=None, help="image size in pixels, a multiple of 8 (default: "
+                     "the model's, e.g. 512 for SD 1.5; with --init-image: the image's)")
+    gen.add_argument("--init-image", default=None, metavar="IMAGE",
+                     help="image-to-image: start from this picture, sides multiples of 8 (default: none, draw from "
+                          "noise)")
+    gen.add_argument("--strength", type=float, default=None,
+                     help="with --init-image: how far to move from it, 0 (keep) to 1 (draw anew) (default: 0.75, "
+                          "with --mask 1.0)")
+    gen.add_argument("--mask", default=None, metavar="IMAGE",
+                     help="with --init-image: inpaint where this image (same size) is white (default: none)")
+    gen.add_argument("--inpaint-model", default=None, metavar="MODEL",
+                     help="with --mask: an inpainting checkpoint of --model's family to paint with (default: "
+                          "--model's own weights)")
+    gen.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available, else cpu)")
+    gen.add_argument("--from-png", default=None, metavar="IMAGE",
+                     help="draw an image again from the parameters inside one of the NNNN.png images generate "
+                          "wrote; options given as well replace the image's (default: none)")
+    gen.add_argument("--out", default="generated", help="folder for the PNGs and grid.png (default: %(default)s)")
+    gen.set_defaults(func=cmd_generate)
+
+
+def add_eval_parser(sub, common: argparse.ArgumentParser) -> None:
+    ev = sub.add_parser("eval", parents=[common], help="subject and prompt fidelity (DINO, CLIP-I, CLIP-T) and "
+                        "prior drift of each checkpoint, by the DreamBooth paper's protocol")
+    ev.add_argument("run", help="run folder (output_dir of finetune train) or a LoRA file")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.instance_dir=photos/ "
+                                                 "eval.num_images=2 (default: none)")
+    ev.add_argument("--checkpoints", default="all",
+                    help="all, latest, or step-N,step-M,... (default: %(default)s)")
+    ev.add_argument("--config", default=None, metavar="YAML",
+                    help="the training YAML, for data.instance_dir, eval.* and the model (default: none, the "
+                         "recipe's defaults and the LoRA's header)")
+    ev.add_argument("--out", default=None, help="folder for the results (default: RUN/eval)")
+    ev.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available, else cpu)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
+    ev.set_defaults(func=cmd_eval)
+
+
+def error_line(text: str) -> None:
+    """An error on its own line, also when a progress bar was left open by the failure."""
+    from tqdm.auto import tqdm
+    tqdm.write(text, file=sys.stderr)
 
 
 # The folder each command writes into, named when the disk fills or turns out read-only there (train names its
@@ -339,16 +381,20 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_libraries()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .console import configure
     args = parse_args(argv)
+    configure(verbose=args.verbose)  # before the libraries are imported: some warn while importing
     folder = getattr(args, WRITES_INTO.get(args.command, ""), None)
+    message, code = None, 0
     try:
-        with writing_into(folder, f"--out {folder}", "earlier files are intact: free disk space or fix "
-                          "permissions, then run again") if folder else contextlib.nullcontext():
+        with logging_redirect_tqdm(), (  # log lines through tqdm.write: never on a progress bar's line
+                writing_into(folder, f"--out {folder}", "earlier files are intact: free disk space or fix "
+                             "permissions, then run again") if folder else contextlib.nullcontext()):
             args.func(args)
     except FinetuneError as exc:
-        print(f"finetune: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        message, code = f"finetune: error: {exc}", getattr(exc, "exit_code", 2)
     except (OSError, RuntimeError, SafetensorError) as exc:
         reason = storage_reason(exc, getattr(exc, "filename", None))
         if reason is None:
@@ -357,13 +403,15 @@ def main(argv: list[str] | None = None) -> int:
         # and renamed, so what was written before (checkpoints, the previous export) is intact.
         filename = getattr(exc, "filename", None)
         where = os.path.dirname(filename) if filename else "writing"
-        print(f"finetune: error: {where}: {reason}; earlier files are intact: free disk space or fix permissions, "
-              "then run again (train.resume=latest continues training)", file=sys.stderr)
-        return 2
+        message, code = (f"finetune: error: {where}: {reason}; earlier files are intact: free disk space or fix "
+                         "permissions, then run again (train.resume=latest continues training)"), 2
     except KeyboardInterrupt:
-        print("finetune: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        message, code = "finetune: interrupted", 130
+    if message:
+        # Printed once the exception is gone: a progress bar it held open has been closed (its line ended), so the
+        # error is the last line and no bar is drawn again below it.
+        error_line(message)
+    return code
 
 
 if __name__ == "__main__":

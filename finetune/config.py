@@ -373,13 +373,14 @@ class ExportConfig:
                                            "(A1111 and ComfyUI read them; diffusers' load_lora_weights refuses "
                                            "such a file)")
     model_card: bool = option(True, "write README.md (a Hub model card) beside the exported weights")
-    license: str = option("creativeml-openrail-m", "license field of the model card (the base model's license)")
+    license: str | None = option(None, "license field of the model card (unset: the base model's, from its model "
+                                       "card or metadata; not found, the card states none and the run says so)")
     push_to_hub: str | None = option(None, "Hub repo id (org/name) to upload the exported files to at the end")
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    max_steps: int = option(400, "optimizer steps to train")
+    max_steps: int = option(500, "optimizer steps to train")
     learning_rate: float = option(1e-4, "peak learning rate")
     scale_lr: Literal["none", "linear", "sqrt"] = option(
         "none", "scale learning_rate by samples per step (batch_size x processes x gradient_accumulation): "

@@ -62,7 +62,7 @@ def run_demo(out: Path, steps: int | None = None) -> Path:
     before, after = loss_before_and_after(model_dir, result, cfg)
     grid = base_vs_lora_grid(model_dir, run_dir, cfg, out / "base_vs_lora.png")
     log.info("demo: denoising loss on the subject's photos (fixed noise): base %.4f -> LoRA %.4f", before, after)
-    log.info("demo: LoRA at %s; base (top) vs LoRA (bottom) at %s", result.export, grid)
+    log.info("demo: LoRA at %s; base vs LoRA, labelled, at %s", result.export, grid)
     return grid
 
 
@@ -79,19 +79,27 @@ def loss_before_and_after(model_dir: Path, result, cfg) -> tuple[float, float]:
 
 
 def base_vs_lora_grid(model_dir: Path, run_dir: Path, cfg, path: Path, count: int = 4) -> Path:
-    """The same prompt and seeds with and without the LoRA, one row each."""
+    """The same prompt and seeds with and without the LoRA, one row each, with a legend; the PNG holds the
+    parameters of its first image."""
     from .config import ModelConfig
-    from .data.images import image_grid
     from .inference import generate, load_loras, set_scheduler
+    from .legend import labelled_grid, seed_columns
     from .models import load_pipeline
+    from .pnginfo import ImageParams, model_reference, save_png
 
     pipe = load_pipeline(ModelConfig(pretrained=str(model_dir)), dtype=torch.float32)
     set_scheduler(pipe, "dpm++")
     pipe.set_progress_bar_config(disable=True)
-    prompt = [cfg.data.instance_prompt]
-    size = cfg.train.resolution
-    base = generate(pipe, prompt, count, seed=0, steps=20, resolution=size, progress=False)
+    prompt, size, steps = cfg.data.instance_prompt, cfg.train.resolution, 20
+    base = generate(pipe, [prompt], count, seed=0, steps=steps, resolution=size, progress=False)
     load_loras(pipe, [(str(run_dir), 1.0)])
-    tuned = generate(pipe, prompt, count, seed=0, steps=20, resolution=size, progress=False)
-    image_grid([im.resize((128, 128), Image.Resampling.NEAREST) for im in base + tuned], rows=2).save(path)
+    tuned = generate(pipe, [prompt], count, seed=0, steps=steps, resolution=size, progress=False)
+    # The tiny model draws 64 px images: shown at 128 px (pixels doubled) so the legend has room.
+    cells = [image.resize((128, 128), Image.Resampling.NEAREST) for image in base + tuned]
+    grid = labelled_grid(cells, [f"base: {prompt}", f"LoRA x1: {prompt}"], seed_columns(0, count),
+                         f"demo · tiny SD · dpm++, {steps} steps, guidance 7.5, {size}x{size} (shown at 128 px)")
+    params = ImageParams(prompt=prompt, seed=0, steps=steps, guidance=7.5, scheduler="dpm++", width=size,
+                         height=size, model=model_reference(str(model_dir)))
+    save_png(grid.image, path, params, [{"prompt": prompt, "seed": k % count, "lora": k >= count, "box": list(box)}
+                                        for k, box in enumerate(grid.boxes)])
     return path

@@ -26,6 +26,7 @@ from diffusers import (
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
+from .console import brief
 from .errors import FinetuneError
 from .models import describe_source
 
@@ -299,11 +300,11 @@ def _hub_reader(repo: str, revision: str | None, key: str) -> Callable[[str], di
         try:
             return _read_json(Path(hf_hub_download(repo, name, revision=revision)), key)
         except LocalEntryNotFoundError as exc:  # offline, or not cached: before EntryNotFoundError, its base
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            reason = brief(exc, 200)
         except EntryNotFoundError:
             return None
         except (HfHubHTTPError, OSError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            reason = brief(exc, 200)
         raise FinetuneError(f"{key}: could not read the configs of {repo} from the Hub (are you online and is the id "
                             f"right?): {reason}")
     return read

@@ -34,7 +34,7 @@ from diffusers import (
 from PIL import Image
 
 from .config import ModelConfig
-from .data.images import image_grid, open_rgb, save_png_atomically
+from .data.images import open_rgb
 from .errors import FinetuneError
 from .export.embeddings import embeddings_for, load_into_pipeline, rewrite_prompt
 from .export.lora_weights import LoraWeights, read_lora
@@ -45,6 +45,7 @@ from .models import load_pipeline
 log = logging.getLogger("finetune")
 VAE_FACTOR = 8  # the VAE downsamples 8x: image sides must be multiples of it
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.75, 1.0
+BATCH_SIZE = 4  # images per pipeline call in generate
 
 SCHEDULERS = {
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
@@ -201,21 +202,36 @@ def device_and_dtype(device: str | None = None) -> tuple[str, torch.dtype]:
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: int = 25,
-             guidance: float = 7.5, resolution: int | None = None, batch_size: int = 4,
+             guidance: float = 7.5, resolution: int | None = None, batch_size: int = BATCH_SIZE,
              progress: bool = True, per_image: dict | None = None, **pipe_kwargs) -> list[Image.Image]:
     """`num_images` images per prompt; image k of a prompt always uses seed + k, so runs compare 1:1.
 
     `per_image` values (an input image, a mask) are given to every image of a batch; `pipe_kwargs` go to the
     pipeline call as they are (output_type="latent" returns latents instead of images)."""
-    jobs = [(prompt, seed + k) for prompt in with_trigger_tokens(pipe, prompts) for k in range(num_images)]
+    jobs = [(prompt, seed + k) for prompt in prompts for k in range(num_images)]
+    return draw_jobs(pipe, jobs, steps, guidance, resolution, batch_size, progress, per_image, **pipe_kwargs)
+
+
+def generation_batches(jobs: list[tuple[str, int]], batch_size: int = BATCH_SIZE) -> list[list[tuple[str, int]]]:
+    """The batches `generate` draws `jobs` in. The batch decides an image's last bits on some hardware (CPU kernels
+    differ by batch shape), so a PNG records its batch and `generate --from-png` redraws that batch."""
+    return [jobs[start:start + batch_size] for start in range(0, len(jobs), batch_size)]
+
+
+@torch.no_grad()
+def draw_jobs(pipe, jobs: list[tuple[str, int]], steps: int = 25, guidance: float = 7.5,
+              resolution: int | None = None, batch_size: int = BATCH_SIZE, progress: bool = True,
+              per_image: dict | None = None, **pipe_kwargs) -> list[Image.Image]:
+    """One image per (prompt, seed) job, `batch_size` jobs per pipeline call."""
     size = {"height": resolution, "width": resolution} if resolution else {}
     device = pipe._execution_device
     images = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
+    for chunk in generation_batches(jobs, batch_size):
         generators = [torch.Generator(device).manual_seed(s) for _, s in chunk]
         inputs = {name: [value] * len(chunk) for name, value in (per_image or {}).items()}
-        images += pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+        # lora.pivotal's word becomes its trained tokens (the PNG records the prompt as the user wrote it)
+        images += pipe(with_trigger_tokens(pipe, [p for p, _ in chunk]), num_inference_steps=steps,
+                       guidance_scale=guidance,
                        generator=generators, **size, **inputs, **pipe_kwargs).images
         if progress:
             print(f"generated {len(images)}/{len(jobs)} images", flush=True)
@@ -224,17 +240,26 @@ def generate(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps
 
 @dataclasses.dataclass
 class Sampling:
-    """How every mode draws: image k of a prompt from seed + k; the negative prompt is used for all prompts."""
+    """How every mode draws: image k of a prompt from seed + k; the negative prompt is used for all prompts.
+    `batch`, when set, is drawn instead (its (prompt, seed) jobs in one call): `generate --from-png` redraws the
+    batch an image was drawn in, which decides its last bits on a CPU."""
     num_images: int = 1
     seed: int = 0
     steps: int = 25
     guidance: float = 7.5  # classifier-free guidance scale
     negative_prompt: str | None = None
+    batch: list[tuple[str, int]] | None = None
+
+    def count(self, prompts: list[str]) -> int:
+        return len(self.batch) if self.batch is not None else len(prompts) * self.num_images
 
     def run(self, pipe, prompts: list[str], per_image: dict | None = None, **kwargs) -> list[Image.Image]:
         per_image = dict(per_image or {})
         if self.negative_prompt is not None:  # one per prompt in a batch: diffusers wants a list beside a list
             per_image["negative_prompt"] = self.negative_prompt
+        if self.batch is not None:
+            return draw_jobs(pipe, self.batch, self.steps, self.guidance, batch_size=len(self.batch),
+                             per_image=per_image, **kwargs)
         return generate(pipe, prompts, self.num_images, self.seed, self.steps, self.guidance, per_image=per_image,
                         **kwargs)
 
@@ -258,7 +283,7 @@ def image_to_image(pipe, prompts: list[str], init_image: Image.Image, strength: 
     img2img.set_progress_bar_config(disable=True)
     init_image = init_image.convert("RGB")
     if int(sampling.steps * strength) == 0:  # not one denoising step at this strength: what the VAE gives back
-        return [vae_round_trip(img2img, init_image)] * (len(prompts) * sampling.num_images)
+        return [vae_round_trip(img2img, init_image)] * sampling.count(prompts)
     return sampling.run(img2img, prompts, per_image={"image": init_image}, strength=strength)
 
 
@@ -277,7 +302,7 @@ def inpaint(pipe, prompts: list[str], init_image: Image.Image, mask: Image.Image
     painter.set_progress_bar_config(disable=True)
     init_image, mask = init_image.convert("RGB"), mask.convert("L")
     if int(sampling.steps * strength) == 0:
-        images = [vae_round_trip(painter, init_image)] * (len(prompts) * sampling.num_images)
+        images = [vae_round_trip(painter, init_image)] * sampling.count(prompts)
     else:
         width, height = init_image.size
         images = sampling.run(painter, prompts, per_image={"image": init_image, "mask_image": mask},
@@ -327,20 +352,6 @@ def check_mask(mask: Image.Image, image: Image.Image) -> None:
 def check_strength(strength: float) -> None:
     if not 0.0 <= strength <= 1.0:
         raise FinetuneError(f"--strength {strength:g}: give a value from 0 (keep the input) to 1 (draw anew)")
-
-
-def save_images(images: list[Image.Image], out: str | Path, rows: int, beside: Image.Image | None = None) -> Path:
-    """out/0000.png, 0001.png, ... and out/grid.png (one row per prompt; `beside`, the input image, starts each
-    row)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):  # each under a temporary name, then renamed: a full disk keeps the old file
-        save_png_atomically(image, out / f"{i:04d}.png")
-    if beside is not None:
-        per_row = len(images) // rows
-        images = [shown for row in range(rows) for shown in [beside, *images[row * per_row:(row + 1) * per_row]]]
-    save_png_atomically(image_grid(images, rows=rows), out / "grid.png")
-    return out
 
 
 def generate_command(model: str, prompts: list[str], loras: list[tuple[str, float]], sampling: Sampling,

@@ -10,6 +10,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from .config import ModelConfig
+from .console import brief
 from .errors import FinetuneError
 
 SINGLE_FILE_SUFFIXES = (".safetensors",)
@@ -69,7 +70,7 @@ def load_pipeline(model: ModelConfig, pipeline_class: Any = StableDiffusionPipel
                                               dtype=dtype, use_safetensors=None if model.allow_pickle else True,
                                               **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        reason = brief(exc)
         where = "the Hub (are you online and is the id right?)" if source == "hub" else "disk"
         raise FinetuneError(f"model.pretrained: could not load {model.pretrained} from {where}: {reason}") from None
 
@@ -101,7 +102,7 @@ def load_nf4_unet(model: ModelConfig, compute_dtype: torch.dtype):
                                                     variant=model.variant, quantization_config=config,
                                                     torch_dtype=compute_dtype)
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        reason = brief(exc)
         raise FinetuneError(f"model.quantize_unet=nf4: could not load the U-Net of {model.pretrained} in 4 bits: "
                             f"{reason}") from None
 

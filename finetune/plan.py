@@ -49,13 +49,27 @@ class Architecture:
     target_linear_shapes: list[tuple[int, int]]  # (in, out) of every linear layer that gets LoRA
 
 
+# Bytes per unit: GB and MB are decimal (10^9, 10^6), GiB and MiB binary (2^30, 2^20) as nvidia-smi counts.
+UNITS = {"gb": 1e9, "gib": 2**30, "mb": 1e6, "mib": 2**20, "tb": 1e12, "tib": 2**40}
+
+
 def parse_size(text: str) -> float:
-    """'8GiB', '8 GB', '6144MiB', '8' -> MiB (GB and GiB both read as 2**30 bytes: cards are sold that way)."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([GMgm]i?[Bb]?)?\s*", text)
-    if not match:
-        raise FinetuneError(f"--gpu-memory {text!r}: write it as e.g. 8GiB, 6GB or 6144MiB")
-    value, unit = float(match.group(1)), (match.group(2) or "G").upper()
-    return value * 1024 if unit.startswith("G") else value
+    """'8GiB', '24 GB', '6144MiB' -> MiB. A unit is required (a bare 8 could be either), and GB means 10^9 bytes:
+    24GB is 22.4 GiB. (A card sold as "24 GB" usually holds 24 GiB: nvidia-smi shows 24564 MiB on one.)
+    A number that does not parse ('1.2.3') raises ValueError; a missing or unknown unit, a one-line error."""
+    match = re.fullmatch(r"\s*([0-9.]*)\s*([A-Za-z ]*?)\s*", text)
+    value = float(match.group(1)) if match and match.group(1) else None  # ValueError for '1.2.3'
+    unit = match.group(2).lower() if match else ""
+    if value is None or unit not in UNITS:
+        raise FinetuneError(f"--gpu-memory {text!r}: give the size with its unit, e.g. 8GiB, 24GB or 6144MiB "
+                            "(GiB/MiB: 2^30/2^20 bytes, as nvidia-smi counts; GB/MB: 10^9/10^6 bytes)")
+    return value * UNITS[unit] / 2**20
+
+
+def describe_size(text: str, mib: float) -> str:
+    """The card as given and in GiB, e.g. '24GB (22.4 GiB)'; '8GiB' for a size given in GiB."""
+    given = text.strip()
+    return given if given.lower().endswith("gib") else f"{given} ({mib / 1024:.1f} GiB)"
 
 
 def read_architecture(model_dir: str, unet_targets: str) -> Architecture:
@@ -153,9 +167,14 @@ CANDIDATES = [("train.mode=fast", ["train.mode=fast", "train.gradient_checkpoint
               ("train.mode=low_memory", ["train.mode=low_memory"])]
 
 
-def plan_report(config_class: type, config_path: str, overrides: list[str], gpu_mib: float) -> tuple[str, dict]:
+PHASE_NAMES = {"class_images": "drawing class images", "text_encoding": "encoding prompts",
+               "latent_encoding": "encoding photos", "training": "training"}
+
+
+def plan_report(config_class: type, config_path: str, overrides: list[str], gpu_mib: float,
+                card: str | None = None) -> tuple[str, dict]:
     """The table `finetune plan` prints for a recipe's config (its class, YAML and overrides), and the estimates
-    as data."""
+    as data; `card` is the card's size as the user wrote it. Each row names the phase that sets its peak."""
     cfg = load(config_class, config_path, overrides)
     arch = read_architecture(cfg.model.pretrained, cfg.lora.unet_targets)
     samples = samples_per_step(cfg)
@@ -165,13 +184,14 @@ def plan_report(config_class: type, config_path: str, overrides: list[str], gpu_
         est = estimate_config(variant, arch)
         estimates[label] = est
         fits = "fits" if est["peak_mib"] <= gpu_mib else "too big"
-        rows.append(f"  {est['peak_mib'] / 1024:5.1f} GiB  {fits:8s} {label}")
+        rows.append(f"  {est['peak_mib'] / 1024:5.1f} GiB  {fits:8s} {label}  (peak: "
+                    f"{PHASE_NAMES[est['peak_phase']]})")
     fitting = [label for label, est in estimates.items() if label != "as configured" and est["peak_mib"] <= gpu_mib]
     advice = (f"use: {fitting[0]}" if fitting else
               "nothing fits: lower train.resolution or train.batch_size, or use a bigger card")
     header = (f"{cfg.model.pretrained}: U-Net {arch.unet_params / 1e6:.0f}M params, {cfg.train.resolution} px, "
               f"{samples} samples per step; estimated peak GPU memory (as nvidia-smi shows it) on a "
-              f"{gpu_mib / 1024:.1f} GiB card:")
+              f"{card or f'{gpu_mib / 1024:.1f} GiB'} card:")
     return "\n".join([header, *rows, advice]), {"gpu_mib": gpu_mib, "estimates": estimates, "advice": advice,
                                                  "architecture": dataclasses.asdict(arch) | {
                                                      "target_linear_shapes": len(arch.target_linear_shapes)}}

@@ -23,6 +23,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .storage import follow_umask
+
 TINY_RESOLUTION = 64  # pixels; the VAE downsamples 8x, like SD's, so latents are 8x8
 TEXT_DIM = 32
 # SDXL's second encoder is wider than its first, as OpenCLIP bigG (1280) is than CLIP-L (768): the widths tell the
@@ -115,6 +117,7 @@ def build_tiny_sd(folder: str | Path, family: str = "sd1", seed: int = 0, inpain
                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
                           requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
+    follow_umask(folder)  # safetensors writes 0600 (finetune.storage)
     save_tokenizer(tokenizer, folder / "tokenizer")
     return folder
 
@@ -141,6 +144,7 @@ def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
         tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler,
         force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(folder, safe_serialization=True)
+    follow_umask(folder)  # safetensors writes 0600 (finetune.storage)
     save_tokenizer(tokenizer, folder / "tokenizer")
     save_tokenizer(tokenizer, folder / "tokenizer_2")
     return folder

@@ -34,6 +34,7 @@ from finetune.training.finish import RunExporter, finish_run
 from finetune.training.loop import Checkpointer, train_loop
 from finetune.training.loss import DreamBoothObjective
 from finetune.training.pivotal import add_pivotal_tokens, with_tokens
+from finetune.training.report import steps_done
 from finetune.training.unet_call import training_unet_call
 from finetune.training.validation import Validator
 
@@ -65,13 +66,14 @@ def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
     require_family(cfg.model, recipe)  # another family's model: one line naming the recipe that trains it
     run = start_run(cfg, recipe)  # every input checked, the output folder claimed, photos screened (and bucketed)
     phase = run.phases  # each phase prints its time (and GPU peak); they never share the GPU
-    with phase("loading weights"):
+    with phase("loading weights") as loading:
         pipe = load_pipeline(cfg.model, kind.pipeline_class, compute_dtype=run.dtype)  # a 4-bit U-Net comes later
+        loading.add(f"{cfg.model.pretrained} loaded")
 
     # 1. Prior preservation: class images drawn by the base model, before any LoRA touches it.
-    with phase("class images"):
+    with phase("class images") as drawing:
         classes = ensure_class_images(run.accelerator, pipe, cfg.data, cfg.prior, cfg.train.resolution,
-                                      cfg.train.seed, load_unet=lambda: ensure_unet(pipe, cfg.model, run.dtype),
+                                      cfg.train.seed, lambda: ensure_unet(pipe, cfg.model, run.dtype), drawing,
                                       vae_tiling=cfg.train.vae_tiling)
 
     # 2. Encode once: every prompt training can see (text encoders on the GPU, then off), then the photos this
@@ -82,9 +84,9 @@ def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
     pivotal, instance = add_pivotal_tokens(cfg, pipe, kind, run.instance)
     examples = instance + classes
     plans = plan_share(cfg, run, len(classes))
-    with phase("encoding"):
-        prompts = encode_prompts(kind, pipe, examples, cfg, run)  # None when the text encoders train
-        latents = encode_latents(pipe.vae, examples, plans, cfg, run)
+    with phase("encoding") as encoding:
+        prompts = encode_prompts(kind, pipe, examples, cfg, run, encoding)  # None when the text encoders train
+        latents = encode_latents(pipe.vae, examples, plans, cfg, run, encoding)
 
     # 3. Only now the U-Net comes to the GPU: freeze it and add LoRA (and to the text encoders with
     #    lora.text_encoder), frozen weights in half precision, LoRA in fp32; lora.init_from continues a LoRA.
@@ -109,8 +111,9 @@ def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
     validator = Validator(with_tokens(cfg.validation, pivotal), run.accelerator, pipe,
                           list(training.lora_models.values()), cfg.output_dir, cfg.train.resolution,
                           validation_scorer(cfg, run.instance, run.accelerator), cfg.validation.prompts)
-    with phase("training"):
+    with phase("training") as training_phase:
         result = train_loop(cfg, run, training, plans, objective, checkpointer, validator)
+        training_phase.add(steps_done(run.start, result.summary))
 
     # 5. The end: final checkpoint, the diffusers file, summary, base-vs-LoRA grid, kohya file, card, upload.
     summary = {**result.summary, "cuda_graphs": unet_call.use_graphs}

@@ -1,4 +1,6 @@
 """README's demo command, shortened: tiny model, real photos, prior preservation, TE LoRA, export, grid."""
+import json
+
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -14,6 +16,12 @@ def test_demo_runs_end_to_end(tmp_path, run_cli):
     assert len(list((tmp_path / "photos").glob("*.jpg"))) == 5
     assert len(list((tmp_path / "class_images").glob("*.png"))) == 8
     grid = Image.open(tmp_path / "base_vs_lora.png")
-    assert grid.size == (4 * 128, 2 * 128)
-    top, bottom = grid.crop((0, 0, 512, 128)).tobytes(), grid.crop((0, 128, 512, 256)).tobytes()
-    assert top != bottom
+    cells = json.loads(grid.text["finetune"])["grid"]
+    assert [(c["lora"], c["seed"]) for c in cells] == [(lora, k) for lora in (False, True) for k in range(4)]
+    assert grid.width == 4 * 128 and all(c["box"][2] - c["box"][0] == 128 for c in cells)
+    base, lora = grid.crop(cells[0]["box"]).tobytes(), grid.crop(cells[4]["box"]).tobytes()
+    assert base != lora
+    labels = [grid.crop((0, c["box"][1] - 14, 512, c["box"][1])).tobytes() for c in (cells[0], cells[4])]
+    assert labels[0] != labels[1]  # "base: ..." and "LoRA x1: ..." above the rows
+    assert grid.text["parameters"].startswith("a photo of sks cat\nSteps: 20, Sampler: DPM++ 2M, CFG scale: 7.5, "
+                                              "Seed: 0, Size: 64x64")

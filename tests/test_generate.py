@@ -1,4 +1,8 @@
-"""`finetune generate`: base model + LoRAs -> PNGs and a grid, on every model family."""
+"""`finetune generate`: base model + LoRAs -> PNGs (each with its parameters) and a labelled grid, on every model
+family."""
+import hashlib
+import json
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -29,7 +33,37 @@ def test_generate_writes_images_and_grid_and_lora_changes_them(tiny_sd1, trained
     assert "wrote 4 images" in out
     names = sorted(p.name for p in (tmp_path / "lora").iterdir())
     assert names == ["0000.png", "0001.png", "0002.png", "0003.png", "grid.png"]
-    assert Image.open(tmp_path / "lora" / "grid.png").size == (128, 128)  # 2 prompts x 2 images of 64 px
+    grid = Image.open(tmp_path / "lora" / "grid.png")
+    cells = json.loads(grid.text["finetune"])["grid"]
+    assert [(c["file"], c["prompt"], c["seed"]) for c in cells] == [
+        ("0000.png", "a photo of sks dog", 0), ("0001.png", "a photo of sks dog", 1), ("0002.png", "a dog", 0),
+        ("0003.png", "a dog", 1)]
+    for cell in cells:  # each cell holds its image's pixels unscaled; the legend is around them
+        assert grid.crop(cell["box"]).tobytes() == Image.open(tmp_path / "lora" / cell["file"]).tobytes()
+    assert grid.width == 128 and grid.height > 128
+    title = grid.crop((0, 0, 128, cells[0]["box"][1] - 20)).convert("L")
+    assert min(title.getdata()) < 100, "no legend above the first row"
+    row_labels = [grid.crop((0, c["box"][1] - 14, 128, c["box"][1])).tobytes() for c in (cells[0], cells[2])]
+    assert row_labels[0] != row_labels[1], "the two prompts' rows carry the same label"
+
+    # A1111's parameters text, with the LoRA in the prompt and the hash of the file A1111 would load (the run's kohya
+    # file, run.safetensors) over its tensor bytes, the header skipped.
+    lora_file = (trained_sd1 / "run.safetensors").read_bytes()
+    digest = hashlib.sha256(lora_file[8 + int.from_bytes(lora_file[:8], "little"):]).hexdigest()[:12]
+    from finetune import __version__
+    assert Image.open(tmp_path / "lora" / "0003.png").text["parameters"] == (
+        "a dog <lora:run:0.8>\n"
+        f"Steps: 3, Sampler: Euler, CFG scale: 7.5, Seed: 1, Size: 64x64, Model: {tiny_sd1.name}, "
+        f'Lora hashes: "run: {digest}", Version: finetune {__version__}')
+    # --from-png draws that image again from its own parameters, bit for bit (its batch is redrawn).
+    code, out, err = run_cli("generate", "--from-png", tmp_path / "lora" / "0003.png", "--out", tmp_path / "again")
+    assert code == 0, err
+    assert "wrote 1 image and grid.png" in out
+    again = Image.open(tmp_path / "again" / "0000.png")
+    assert again.tobytes() == Image.open(tmp_path / "lora" / "0003.png").tobytes()
+    assert again.text["parameters"] == Image.open(tmp_path / "lora" / "0003.png").text["parameters"]
+    code, _, err = run_cli("generate", "--from-png", tmp_path / "lora" / "grid.png")
+    assert code == 2 and "is a grid of 4 images; give one image" in err
     base = torch.tensor(list(Image.open(tmp_path / "base" / "0000.png").getdata()), dtype=torch.float32)
     tuned = torch.tensor(list(Image.open(tmp_path / "lora" / "0000.png").getdata()), dtype=torch.float32)
     assert (base - tuned).abs().mean() > 0.5

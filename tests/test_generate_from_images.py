@@ -2,6 +2,9 @@
 `finetune generate --init-image [--mask]`, with an inpainting checkpoint too, and the one-line errors."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -98,13 +101,40 @@ def test_cli_writes_the_outputs_and_a_grid_with_the_input_beside_them(model, mod
     assert code == 0, err
     assert "wrote 4 images" in out
     grid = Image.open(tmp_path / "o" / "grid.png")
-    assert grid.size == (3 * 64, 2 * 64)  # per prompt: the input, then its two images
-    assert array(grid.crop((0, 64, 64, 128))).tolist() == array(Image.open(photo)).tolist()
+    record = json.loads(grid.text["finetune"])
+    # per prompt: the input, then its two images (under the legend: issue 18's labelled grid)
+    assert grid.width == 3 * 64 and [box[0] for box in record["input_boxes"]] == [0, 0]
+    for box in record["input_boxes"]:
+        assert array(grid.crop(box)).tolist() == array(Image.open(photo)).tolist()
+    assert [cell["box"][0] for cell in record["grid"]] == [64, 128, 64, 128]
     images = [array(Image.open(tmp_path / "o" / f"{i:04d}.png")) for i in range(4)]
     assert np.abs(images[0] - images[1]).mean() > 1  # seed + k: two different images per prompt
     if mode == "inpaint":
         inside = array(Image.open(mask)) > 0
         assert all(np.abs(image - array(Image.open(photo)))[~inside].max() == 0 for image in images)
+
+    # Issue 18: each PNG names its input picture (and mask), and --from-png draws it again bit for bit on the CPU.
+    last = Image.open(tmp_path / "o" / "0003.png")
+    assert ("Denoising strength: 0.5" if mode == "img2img" else "Denoising strength: 1, Inpaint") in last.text[
+        "parameters"]
+    code, out, err = run_cli("generate", "--from-png", tmp_path / "o" / "0003.png", "--out", tmp_path / "again")
+    assert code == 0, err
+    assert Image.open(tmp_path / "again" / "0000.png").tobytes() == last.tobytes()
+    # The input picture moved or changed since: one line naming it, nothing drawn.
+    moved = tmp_path / "photo-elsewhere.png"
+    record = json.loads(last.text["finetune"])
+    Path(record["init_image"]).rename(moved)
+    try:
+        code, _, err = run_cli("generate", "--from-png", tmp_path / "o" / "0003.png", "--out", tmp_path / "x")
+        assert code == 2 and err.splitlines() == [
+            f"finetune: error: --from-png {tmp_path / 'o' / '0003.png'}: it was drawn from --init-image "
+            f"{record['init_image']}, which is missing; give --init-image with the same picture"]
+        Image.open(moved).rotate(90).save(record["init_image"])
+        code, _, err = run_cli("generate", "--from-png", tmp_path / "o" / "0003.png", "--out", tmp_path / "x")
+        assert code == 2 and "--init-image" in err and "changed since the image was drawn" in err
+    finally:
+        moved.replace(record["init_image"])
+    assert not (tmp_path / "x").exists()
 
 
 def test_an_inpainting_checkpoint_takes_the_base_models_lora_and_says_what_does_not_apply(

@@ -61,24 +61,39 @@ def test_plan_names_what_fits_a_card_and_writes_json(architectures, tmp_path, ru
     # 100 class images still to draw at 1024 px, 8 at a time, need more than the card: low_memory draws them one
     # at a time with each model on the GPU only while it runs
     assert "use: train.mode=low_memory" in text and "too big" in text
+    assert "on a 12GiB card:" in text
     data = json.loads(out.read_text())
+    # Each row names the phase that sets its peak: the largest of the phases' estimates in the JSON.
+    names = {"class_images_mib": "drawing class images", "text_encoding_mib": "encoding prompts",
+             "latent_encoding_mib": "encoding photos", "training_mib": "training"}
+    for label, est in data["estimates"].items():
+        largest = max((key for key in names if key in est), key=est.get)
+        assert f"{label}  (peak: {names[largest]})" in text
+    assert "train.mode=fast  (peak: drawing class images)" in text  # 8 class images at 1024 px at once
     assert data["gpu_mib"] == 12 * 1024 and data["advice"] == "use: train.mode=low_memory"
-    assert data["estimates"]["train.mode=fast"]["peak_phase"] == "class_images"
     fast = data["estimates"]["train.mode=fast"]
     assert fast["class_images_mib"] > 0 and fast["peak_mib"] > data["estimates"]["train.mode=low_memory"]["peak_mib"]
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--gpu-memory", "lots"], "--gpu-memory 'lots': write it as e.g. 8GiB"),
-    (["model.pretrained=/nowhere/model"], "model.pretrained: /nowhere/model is not a diffusers folder"),
+    (["--gpu-memory", "lots"], "--gpu-memory 'lots': give the size with its unit, e.g. 8GiB"),
+    (["model.pretrained=/nowhere/model", "--gpu-memory", "8GiB"],
+     "model.pretrained: /nowhere/model is not a diffusers folder"),
 ])
 def test_plan_bad_input_is_one_line(run_cli, args, message):
     code, _, err = run_cli("plan", CONFIGS["sd15"], *args)
     assert code == 2 and message in err and "Traceback" not in err
 
 
-def test_sizes_read_as_cards_are_sold():
-    assert parse_size("8GiB") == parse_size("8 GB") == parse_size("8") == 8192 and parse_size("6144MiB") == 6144
+def test_sizes_need_a_unit_and_gb_is_not_gib(run_cli):
+    assert parse_size("8GiB") == parse_size("8 gib") == 8192 and parse_size("6144MiB") == 6144
+    assert parse_size("24GB") == 24e9 / 2**20  # 22888.2 MiB: 22.4 GiB
+    assert parse_size("500 MB") == 500e6 / 2**20
+    for bare in ("8", "8G", "24 gigs"):
+        code, _, err = run_cli("plan", CONFIGS["sd15"], "--gpu-memory", bare)
+        assert code == 2 and err == (f"finetune: error: --gpu-memory {bare!r}: give the size with its unit, e.g. 8GiB, "
+                                     "24GB or 6144MiB (GiB/MiB: 2^30/2^20 bytes, as nvidia-smi counts; GB/MB: "
+                                     "10^9/10^6 bytes)\n")
 
 
 def test_phases_that_never_share_the_gpu_are_estimated_apart(architectures, tmp_path):

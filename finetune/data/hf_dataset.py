@@ -1,10 +1,12 @@
 """Instance examples from a `datasets` dataset: a save_to_disk folder, an imagefolder, or a Hub dataset name."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from ..console import brief
 from ..errors import FinetuneError
 from .images import open_rgb, to_rgb
 
@@ -28,12 +30,39 @@ def load_image_dataset(name: str, split: str):
             return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
         if name.startswith((".", "/", "~")):
             raise FinetuneError(f"data.dataset: folder {name} does not exist; fix the path")
+        unreachable = hub_unreachable()
+        if unreachable:
+            raise FinetuneError(f"data.dataset: {name} is read as a Hub dataset name, but the Hub cannot be reached "
+                                f"({unreachable}); set HF_HUB_OFFLINE=1 to use a copy in the Hub cache, or give a "
+                                "local folder")
         return datasets.load_dataset(name, split=split)
     except FinetuneError:
         raise
     except Exception as exc:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError)
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        reason = brief(exc)
         raise FinetuneError(f"data.dataset: could not load {name} (split {split}): {reason}") from None
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub's host does not resolve from here, or None. Without a network, huggingface_hub retries each
+    request five times over about 23 s, printing two lines per try, before datasets gives its error; a failed name
+    lookup says the same at once. Not asked in offline mode (datasets then answers at once) or behind a proxy
+    (which looks names up itself)."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    if huggingface_hub.is_offline_mode() or any(os.environ.get(name) for name in proxies):
+        return None
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"{host}: {exc.strerror or exc}"
+    return None
 
 
 def check_columns(data, name: str, image_column: str, caption_column: str | None) -> None:

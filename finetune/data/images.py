@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
+from ..console import brief
 from ..errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -67,7 +68,7 @@ def open_rgb(path: str | Path) -> Image.Image:
     except (MemoryError, RecursionError) as exc:
         raise FinetuneError(f"{path}: not decoded ({type(exc).__name__}); re-save it smaller") from None
     except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise a zoo of types on corrupt input
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = brief(exc, 200)
         raise FinetuneError(f"{path}: not a readable image ({reason}); replace or remove the file") from None
     return to_rgb(image)
 
@@ -124,22 +125,14 @@ def read_caption(image_path: Path, extension: str) -> str | None:
     return text or None
 
 
-def image_grid(images: list[Image.Image], rows: int) -> Image.Image:
-    """Tile equally sized images into a grid of `rows` rows."""
-    cols = -(-len(images) // rows)
-    width, height = images[0].size
-    grid = Image.new("RGB", (cols * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image.resize((width, height)), ((i % cols) * width, (i // cols) * height))
-    return grid
-
-
-def save_png_atomically(image: Image.Image, path: Path, data: bytes | None = None) -> Path:
-    """Write `image` (or its already encoded PNG `data`) to `path` under a temporary name, then rename: a full
-    disk or a crash leaves the earlier file at `path`, or none, never half a PNG. The temporary file goes too."""
+def save_png_atomically(image: Image.Image, path: Path, data: bytes | None = None,
+                        pnginfo: PngImagePlugin.PngInfo | None = None) -> Path:
+    """Write `image` (with its text chunks `pnginfo`, or its already encoded PNG `data`) to `path` under a
+    temporary name, then rename: a full disk or a crash leaves the earlier file at `path`, or none, never half a
+    PNG. The temporary file goes too. Written as any new file is, so it follows the umask."""
     if data is None:
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        image.save(buffer, format="PNG", pnginfo=pnginfo)
         data = buffer.getvalue()
     tmp = path.with_name(f".{path.name}.tmp")
     try:

@@ -6,14 +6,16 @@ says how to fetch it once and point the key at the folder.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
+from transformers import MODEL_MAPPING, AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
 
+from ..console import brief
 from ..errors import ConfigError, FinetuneError
 
 BATCH = 32  # images per forward pass of an embedding model
@@ -27,7 +29,7 @@ def load_from(name: str, key: str, loader: Callable[[str], object]):
     try:
         return loader(str(local) if local.is_dir() else name)
     except (OSError, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = brief(exc, 200)
         if local.is_dir():
             raise FinetuneError(f"{key}: {name} is not a loadable transformers model folder ({reason})") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -87,9 +89,19 @@ class ClipEmbedder(ImageEmbedder):
             .float().cpu()
 
 
+def dino_model(name: str):
+    """The DINO model without a pooling layer where its class has one (ViT): the DINO authors' checkpoints carry
+    none, and the embedding is the CLS token, so a pooler would only be random weights that transformers reports
+    as missing on every load."""
+    config = AutoConfig.from_pretrained(name)
+    model_class = MODEL_MAPPING[type(config)]
+    takes_pooler = "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+    return AutoModel.from_pretrained(name, config=config, **({"add_pooling_layer": False} if takes_pooler else {}))
+
+
 def load_dino(name: str, device, dtype=torch.float32) -> DinoEmbedder:
     key = "eval.dino_model"
-    return DinoEmbedder(load_from(name, key, AutoModel.from_pretrained),
+    return DinoEmbedder(load_from(name, key, dino_model),
                         load_from(name, key, AutoImageProcessor.from_pretrained), device, dtype)
 
 

@@ -14,10 +14,12 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from ..console import plural
 from ..data.dataset import instance_examples
 from ..errors import FinetuneError
 from ..inference import SCHEDULERS, device_and_dtype, generate, load_loras, set_scheduler
 from ..models import load_pipeline
+from ..pnginfo import ImageParams, LoraUse, model_reference, save_png
 from ..training.run_dir import check_writable
 from .embedders import load_clip, load_dino
 from .plot import plot_metrics
@@ -81,8 +83,9 @@ class Drawer:
     """The prompt set and the class prompt, drawn in batches with the same seeds for every checkpoint."""
 
     def __init__(self, pipe, cfg, plan: Plan):
-        self.pipe, self.ev, self.plan = pipe, cfg.eval, plan
+        self.pipe, self.ev, self.plan, self.model = pipe, cfg.eval, plan, cfg.model.pretrained
         self.images, self.seconds = 0, 0.0  # drawn so far, and the time spent drawing them: the summary's speed
+        self.size = (0, 0)  # the images' (width, height), known once drawn
 
     def draw(self) -> tuple[list, list]:
         ev, plan = self.ev, self.plan
@@ -93,21 +96,37 @@ class Drawer:
         drift = generate(self.pipe, [plan.class_prompt], ev.num_class_images, ev.seed, **common)
         self.seconds += time.perf_counter() - start
         self.images += len(subject) + len(drift)
+        self.size = subject[0].size
         return subject, drift
 
 
-def score_target(name: str, step: int, drawer: Drawer, scorer: SubjectScorer, plan: Plan, out: Path,
+def score_target(target: Target | None, drawer: Drawer, scorer: SubjectScorer, plan: Plan, out: Path,
                  base_class: Embedded | None) -> tuple[dict, Embedded]:
-    """Draw, score and write the contact sheet of the pipeline as it is now (with or without a LoRA)."""
+    """Draw, score and write the contact sheet of the pipeline as it is now: the base model (`target` None) or
+    with the target's LoRA at scale 1."""
+    name, step = (target.name, target.step) if target is not None else ("base", 0)
     images, class_images = drawer.draw()
     drawn, drawn_class = scorer.embed(images), scorer.embed(class_images)
     texts = [p.text for p in plan.pairs for _ in plan.seeds]
     row = {"checkpoint": name, "step": step, **scorer.subject_scores(drawn, texts),
            **scorer.drift_scores(drawn_class, drawn_class if base_class is None else base_class)}
-    title = f"{name}: {len(plan.pairs)} prompts x {len(plan.seeds)} seed{'s' if len(plan.seeds) > 1 else ''}"
-    contact_sheet(images, [p.prompt for p in plan.pairs], plan.seeds, title).save(out / "sheets" / f"{name}.png")
+    lora = f"step {step}, LoRA x1" if target is not None else "base model, no LoRA"
+    title = f"{name} ({lora}): {plural(len(plan.pairs), 'prompt')} x {plural(len(plan.seeds), 'seed')}"
+    sheet = contact_sheet(images, [p.prompt for p in plan.pairs], plan.seeds, title)
+    params = drawn_params(drawer, plan, images[0].size, target)
+    cells = [{"prompt": pair.prompt, "seed": seed} for pair in plan.pairs for seed in plan.seeds]
+    save_png(sheet, out / "sheets" / f"{name}.png", params, cells)
     log.info("%s: DINO %.4f  CLIP-I %.4f  CLIP-T %.4f", name, row["dino"], row["clip_i"], row["clip_t"])
     return row, drawn_class
+
+
+def drawn_params(drawer: Drawer, plan: Plan, size: tuple[int, int], target: Target | None) -> ImageParams:
+    """The parameters of a sheet's first image (A1111 stores a grid's first image's), for its PNG."""
+    ev = drawer.ev
+    loras = [LoraUse(str(Path(target.path).resolve()), 1.0)] if target is not None else []
+    return ImageParams(prompt=plan.pairs[0].prompt, seed=plan.seeds[0], steps=ev.steps, guidance=ev.guidance,
+                       scheduler=ev.scheduler, width=size[0], height=size[1], model=model_reference(drawer.model),
+                       loras=loras, step=target.step if target is not None else None)
 
 
 def evaluate(cfg, targets: list[Target], out: str | Path, device: str | None = None, overwrite: bool = False
@@ -127,11 +146,11 @@ def evaluate(cfg, targets: list[Target], out: str | Path, device: str | None = N
     pipe.set_progress_bar_config(disable=True)
     (out / "sheets").mkdir(parents=True, exist_ok=True)
     drawer = Drawer(pipe, cfg, plan)
-    base, base_class = score_target("base", 0, drawer, scorer, plan, out, None)
+    base, base_class = score_target(None, drawer, scorer, plan, out, None)
     rows = [base]
     for target in targets:
         load_loras(pipe, [(str(target.path), 1.0)])
-        rows.append(score_target(target.name, target.step, drawer, scorer, plan, out, base_class)[0])
+        rows.append(score_target(target, drawer, scorer, plan, out, base_class)[0])
         pipe.unload_lora_weights()
     verdict = choose_checkpoint(base, rows[1:], cfg.eval.max_clip_t_drop)
     speed = {"images": drawer.images, "generation_seconds": round(drawer.seconds, 2),
@@ -143,7 +162,9 @@ def evaluate(cfg, targets: list[Target], out: str | Path, device: str | None = N
     floor = base["clip_t"] - cfg.eval.max_clip_t_drop
     best_step = next(row["step"] for row in rows if row["checkpoint"] == verdict.best)
     title = f"finetune eval: {header.get('title') or targets[-1].path.stem}"
-    plot_metrics(rows, title, floor, best_step).save(out / "metrics.png")
+    # The plot holds the settings of what it scores: the base sheet's parameters, and the whole protocol.
+    save_png(plot_metrics(rows, title, floor, best_step), out / "metrics.png",
+             drawn_params(drawer, plan, drawer.size, None), extra={"protocol": report["protocol"]})
     write_tables(out, report)
     return report, summary_text(report, out)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from ..console import brief
 from ..errors import FinetuneError
 from ..export.diffusers_format import WEIGHT_NAME, finetune_metadata
 from ..training.checkpoint import PROGRESS, checkpoint_dirs
@@ -25,7 +26,7 @@ def read_target(path: Path, step: int | None = None, name: str | None = None) ->
     try:
         header = finetune_metadata(path)
     except (OSError, ValueError, SafetensorError) as exc:
-        raise FinetuneError(f"{path}: not a readable LoRA file ({str(exc).splitlines()[0][:200]})") from None
+        raise FinetuneError(f"{path}: not a readable LoRA file ({brief(exc, 200)})") from None
     if step is None:
         step = int(header["steps"]) if str(header.get("steps", "")).isdigit() else 0
     return Target(name or f"step-{step:06d}", step, path, header)

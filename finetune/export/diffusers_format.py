@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..lora import adapter_metadata
+from ..storage import follow_umask
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_PREFIX = "finetune."
@@ -55,7 +56,10 @@ def save_diffusers_layers(path: str | Path, pipeline_class, layers: dict, adapte
         header.update({METADATA_PREFIX + key: _as_text(value) for key, value in info.items()})
         header[METADATA_PREFIX + "version"] = __version__
         save_file(tensors, written, metadata=header)
-        os.replace(written, path)
+        # The file diffusers wrote, rewritten in its scratch folder with our header entries and renamed into place:
+        # storage.save_safetensors_atomically's write-then-rename, on a file diffusers made first. safetensors
+        # writes 0600 (finetune.storage).
+        os.replace(follow_umask(written), path)
     return path
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..console import brief
 from ..errors import FinetuneError
 
 
@@ -17,7 +18,7 @@ def push_to_hub(repo_id: str, folder: str | Path, files: list[str]) -> str:
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=files,
                           commit_message="Upload LoRA trained with finetune")
     except (OfflineModeIsEnabled, HfHubHTTPError, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = brief(exc, 200)
         raise FinetuneError(f"export.push_to_hub: could not upload to {repo_id} ({reason}); the files stay in "
                             f"{folder}, upload them later with `huggingface-cli upload {repo_id} {folder}`") from None
     return str(url)

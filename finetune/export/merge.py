@@ -8,7 +8,7 @@ from typing import Any
 from ..config import ModelConfig
 from ..family import resolve_family
 from ..models import load_pipeline
-from ..storage import save_safetensors_atomically
+from ..storage import follow_umask, save_safetensors_atomically
 from .embeddings import embeddings_for, load_into_pipeline
 from .metadata import FAMILIES
 from .pipeline_lora import load_lora
@@ -34,7 +34,7 @@ def fuse_lora_into(base: ModelConfig, lora: str | Path, scale: float, out: str |
             log.info("notice: the fused model's tokenizers hold %s for %r: write those in its prompts",
                      "".join(found.tokens), found.word)
         pipe.save_pretrained(out, safe_serialization=True)
-        return out
+        return follow_umask(out)  # safetensors writes 0600 (finetune.storage)
     for found in embeddings:
         log.info("notice: a single-file checkpoint has no tokenizer for the %r embeddings: put "
                  "embeddings/%s.safetensors into the UI's embeddings folder beside it", found.word, found.word)

@@ -13,9 +13,10 @@ SETTINGS = ("base_model", "family", "rank", "alpha", "unet_targets", "text_encod
             "seed", "ema_decay")
 
 
-def write_model_card(folder: str | Path, info: dict, license: str, kohya_file: str | None = None,
+def write_model_card(folder: str | Path, info: dict, license: str | None, kohya_file: str | None = None,
                      grid: str | None = None) -> Path:
-    """Write folder/README.md; `kohya_file` and `grid` are file names inside folder, when present."""
+    """Write folder/README.md; `kohya_file` and `grid` are file names inside folder, when present; `license` None
+    (the base model's was not found) leaves the header without one and says so in the card."""
     folder = Path(folder)
     family = Family.from_name(str(info["family"]))  # the name finetune.family resolved at training time
     sdxl = family.is_sdxl
@@ -29,6 +30,9 @@ def write_model_card(folder: str | Path, info: dict, license: str, kohya_file: s
              f"# {info.get('title') or folder.name}", "",
              f"A DreamBooth LoRA for `{header.base_model}`, trained with finetune. Trigger phrase: "
              f"`{header.instance_prompt}`.", ""]
+    if license is None:
+        lines += ["License: not found in the base model's card or metadata. Add a `license:` line to the header "
+                  "above (the base model's license) before sharing this LoRA.", ""]
     if grid:
         lines += ["## Samples", "", f"![samples]({grid})", ""]
     lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]

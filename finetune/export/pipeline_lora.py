@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..console import brief
 from ..errors import FinetuneError
 from ..family import Family
 from .kohya import peft_to_kohya
@@ -39,6 +40,6 @@ def load_lora(pipe, path: str | Path, adapter_name: str, family: Family | None =
     try:
         pipe.load_lora_weights(peft_to_kohya(fitting, torch.float32), adapter_name=adapter_name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = brief(exc, 200)
         raise FinetuneError(f"{key} {path}: could not be loaded ({reason})") from None
     return unfit

@@ -11,6 +11,7 @@ from .convert import export_kohya
 from .diffusers_format import WEIGHT_NAME
 from .embeddings import EMBEDDINGS_NAME, UI_FOLDER, TokenEmbeddings
 from .hub import push_to_hub
+from .license import model_card_license
 from .lora_weights import weights_from_models
 from .model_card import write_model_card
 
@@ -43,13 +44,13 @@ def publish(output_dir: str | Path, export: ExportConfig, models: dict, info: di
         bundled = embeddings if export.bundle_embeddings else None
         written.append(export_kohya(weights_from_models(models, Family.from_name(info["family"])),
                                     output_dir / kohya_file, info, export.kohya_precision, bundled))
-        log.info("exported %s (kohya format)", written[-1])
         if bundled is not None:
             log.info("notice: %s bundles the %r embeddings (A1111 and ComfyUI read them; diffusers' "
                      "load_lora_weights refuses the file: there, load %s and %s, or set "
                      "export.bundle_embeddings=false)", kohya_file, bundled.word, WEIGHT_NAME, EMBEDDINGS_NAME)
     if export.model_card:
-        written.append(write_model_card(output_dir, info, export.license, kohya_file, sample_grid(output_dir)))
+        license = model_card_license(export.license, str(info.get("base_model", "")))
+        written.append(write_model_card(output_dir, info, license, kohya_file, sample_grid(output_dir)))
     if export.push_to_hub:
         grid = sample_grid(output_dir)
         files = [p.name for p in written] + ([grid] if grid else [])

@@ -13,9 +13,10 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..console import brief
 from ..errors import FinetuneError
 from ..lora import load_lora_state, lora_state
-from ..storage import storage_reason
+from ..storage import follow_umask, storage_reason
 
 log = logging.getLogger("finetune")
 CHECKPOINTS = "checkpoints"
@@ -31,6 +32,7 @@ def register_lora_only_saving(accelerator: Accelerator) -> None:
             for i, model in enumerate(models):
                 path = os.path.join(output_dir, f"lora_{i}.safetensors")
                 save_file(lora_state(accelerator.unwrap_model(model)), path)
+                follow_umask(path)  # safetensors writes 0600 (finetune.storage)
         weights.clear()
 
     def load(models, input_dir):
@@ -43,7 +45,7 @@ def register_lora_only_saving(accelerator: Accelerator) -> None:
                 load_lora_state(accelerator.unwrap_model(model), load_file(path))
             except RuntimeError as exc:  # shapes of another model or rank
                 raise FinetuneError(f"{path}: does not fit this run's model and LoRA settings "
-                                    f"({str(exc).strip().splitlines()[0][:200]}); resume with the model and lora.* "
+                                    f"({brief(exc, 200)}); resume with the model and lora.* "
                                     "settings it was trained with") from None
         models.clear()
 

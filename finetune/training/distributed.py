@@ -18,11 +18,14 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from ..config import DataConfig, PriorConfig, TrainConfig
+from ..console import plural
 from ..data.class_images import generate_class_images, generation_dtype, missing_class_indices
+from ..data.class_sizes import notice_other_sizes
 from ..data.dataset import Example, class_examples
 from ..errors import FinetuneError
 from ..lora import lora_state
 from ..models import free_gpu_cache, is_quantized, tile_vae
+from .summary import Phase
 
 log = logging.getLogger("finetune")
 
@@ -41,15 +44,18 @@ def class_image_share(accelerator: Accelerator, folder: str | Path, wanted: int)
 
 
 def ensure_class_images(accelerator: Accelerator, pipe, data: DataConfig, prior: PriorConfig, resolution: int,
-                        seed: int, load_unet: Callable[[], object] = lambda: None,
+                        seed: int, load_unet: Callable[[], object] = lambda: None, phase: Phase | None = None,
                         vae_tiling: bool = False) -> list[Example]:
     """Generate the missing class images, each process its share; all wait until the set is complete. Returns
-    the class examples to train with (none when prior.num_class_images is 0: prior preservation off).
+    the class examples to train with (none when prior.num_class_images is 0: prior preservation off). What was
+    drawn or found is told to `phase`; class images of another size than the run's get a notice.
 
     Drawing puts the pipeline on the GPU (`load_unet` first brings a deferred U-Net) and takes it off again, so
     the phases after it start from an empty GPU; with `vae_tiling` (train.vae_tiling) the decoder works in tiles
     here too."""
+    phase = phase or Phase()
     if not prior.num_class_images:
+        phase.add("none (prior.num_class_images=0: no prior preservation)")
         return []
     if not data.class_dir:
         raise FinetuneError("data.class_dir is not set; prior preservation (prior.num_class_images > 0) needs a "
@@ -68,7 +74,12 @@ def ensure_class_images(accelerator: Accelerator, pipe, data: DataConfig, prior:
     accelerator.wait_for_everyone()
     if missing:
         report_class_images(accelerator, data.class_dir, prior.num_class_images, share)
-    return class_examples(data.class_dir, data.class_prompt, prior.num_class_images)
+    examples = class_examples(data.class_dir, data.class_prompt, prior.num_class_images)
+    phase.add(f"{plural(len(missing), 'image')} drawn into {data.class_dir} ({len(examples) - len(missing)} already "
+              f"there)" if missing else f"{plural(len(examples), 'image')} found in {data.class_dir}, none to draw")
+    if accelerator.is_main_process:
+        notice_other_sizes([e.path for e in examples], resolution)
+    return examples
 
 
 def place_for_drawing(pipe, accelerator: Accelerator, offload: bool, vae_tiling: bool) -> None:
@@ -104,7 +115,7 @@ def pipeline_off_gpu(pipe) -> None:
 def report_class_images(accelerator: Accelerator, folder: str | Path, wanted: int, share: list[int]) -> None:
     """After everyone generated: say who drew what (one line, main process); fail if the set is still short."""
     shares = gather_object([share]) if accelerator.num_processes > 1 else [share]
-    if accelerator.is_main_process and any(shares):
+    if accelerator.is_main_process and accelerator.num_processes > 1 and any(shares):
         log.info("class images generated per process: %s",
                  "; ".join(f"process {rank}: {s}" for rank, s in enumerate(shares)))
     left = missing_class_indices(Path(folder), wanted)

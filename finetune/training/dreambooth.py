@@ -19,13 +19,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import cast_training_params
 
-from ..config import LoraConfig, TrainConfig, to_dict
+from ..config import LoraConfig, TrainConfig
+from ..console import plural
 from ..data.captions import possible_prompts
 from ..data.dataset import BatchPlan, Example, LatentSource, SampleOrder, cache_keys, plan_batch
 from ..data.screening import PhotoReport
 from ..lora import add_text_encoder_lora, add_unet_lora, lora_parameters
 from ..models import free_gpu_cache, freeze, is_quantized, tile_vae
-from .accelerator import flat_hparams, make_accelerator, weight_dtype
+from .accelerator import make_accelerator, weight_dtype
 from .checkpoint import load_checkpoint, register_lora_only_saving
 from .conditioning import ModelKind
 from .distributed import retarget_learning_rate, scaled_learning_rate
@@ -33,7 +34,8 @@ from .ema import LoraEMA, NoEMA, lora_ema
 from .optim import build_lr_scheduler, build_optimizer
 from .pivotal import PivotalTuning
 from .preflight import claim_run, validate_run
-from .summary import PhaseClock
+from .summary import Phase, PhaseClock
+from .tensorboard import start_tensorboard
 
 log = logging.getLogger("finetune")
 
@@ -67,7 +69,7 @@ def start_run(cfg, recipe: str) -> Run:
     if train.expandable_segments:  # read when CUDA first allocates, which is later than this
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     accelerator = make_accelerator(train, cfg.output_dir, recipe)
-    phases = PhaseClock(accelerator.device)
+    phases = PhaseClock(accelerator.device, accelerator.is_main_process)
     set_seed(train.seed)
     checked = validate_run(cfg, accelerator.num_processes, accelerator.is_main_process)  # writes nothing
     claim_run(cfg, checked, accelerator.is_main_process)  # lock, leftovers, overwrite: only now
@@ -75,7 +77,7 @@ def start_run(cfg, recipe: str) -> Run:
                started, phases)
 
 
-def encode_prompts(kind: ModelKind, pipe, examples: list[Example], cfg, run: Run):
+def encode_prompts(kind: ModelKind, pipe, examples: list[Example], cfg, run: Run, phase: Phase):
     """The first encoding phase: with the text encoders frozen (and train.cache_text_embeddings), every prompt
     training can see is encoded now, the encoders on the GPU alone, then back on the CPU. None when prompts are
     encoded each step instead (LoRA on the text encoders, tag shuffling): text_conditioning then."""
@@ -84,7 +86,10 @@ def encode_prompts(kind: ModelKind, pipe, examples: list[Example], cfg, run: Run
     if cfg.train.cache_text_embeddings and not cfg.lora.text_encoder and not cfg.lora.pivotal:
         cached = possible_prompts([e.prompt for e in examples], cfg.data.caption_dropout, cfg.data.shuffle_tags)
     if cached is None:
+        phase.add("prompts encoded at each step (text-encoder LoRA, tag shuffling or "
+                  "train.cache_text_embeddings=false)")
         return None
+    phase.add(f"{plural(len(cached), 'prompt')} encoded")
     encoders = list(kind.text_encoders(pipe).values())
     freeze(*encoders)
     for encoder in encoders:
@@ -96,7 +101,8 @@ def encode_prompts(kind: ModelKind, pipe, examples: list[Example], cfg, run: Run
     return conditioning
 
 
-def encode_latents(vae, examples: list[Example], plans: list[BatchPlan], cfg, run: Run) -> LatentSource:
+def encode_latents(vae, examples: list[Example], plans: list[BatchPlan], cfg, run: Run, phase: Phase
+                   ) -> LatentSource:
     """The second encoding phase: the VAE latents the plans read, the VAE (fp32: SDXL's overflows in fp16) on
     the GPU alone. With train.cache_latents (and center crops) each (photo, flip, bucket) this process reads is
     encoded once and the VAE leaves the GPU; otherwise it stays and encodes each step."""
@@ -110,6 +116,9 @@ def encode_latents(vae, examples: list[Example], plans: list[BatchPlan], cfg, ru
     if cache:
         vae.to("cpu")  # done with it: free the GPU memory
         free_gpu_cache()
+        phase.add(f"{plural(len(latents.cache), 'image')} encoded")
+    else:
+        phase.add("images encoded at each step (train.cache_latents=false or data.center_crop=false)")
     return latents
 
 
@@ -204,8 +213,7 @@ def prepare_training(cfg, run: Run, lora_models: dict[str, torch.nn.Module], rec
             pivotal.restore(run.resume_from)
         retarget_learning_rate(optimizer, lr_scheduler, lrs)
         log.info("resumed from %s at step %d (%d samples seen)", run.resume_from, run.start, run.seen)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(recipe, config=flat_hparams(to_dict(cfg)))
+    start_tensorboard(accelerator, cfg, recipe, run.start, resumed=run.resume_from is not None)
     training = Training(dict(zip(lora_models, wrapped)), {name: accelerator.unwrap_model(model) for name, model in
                                                           zip(lora_models, wrapped)}, optimizer, lr_scheduler, params,
                         ema)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..console import plural
 from ..export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
 from ..export.embeddings import TokenEmbeddings, save_embeddings
 from ..export.metadata import tag_frequency
@@ -13,6 +14,7 @@ from ..family import family_of_pipeline
 from ..run_files import NO_EMA_WEIGHT_NAME
 from .distributed import check_replicas_agree
 from .pivotal import PivotalTuning, pivotal_word
+from .report import log_finished_run
 from .run_dir import written_by_finetune
 from .run_lock import release_run_lock
 from .summary import write_summary
@@ -83,19 +85,21 @@ def finish_run(cfg, run, exporter: RunExporter, checkpointer, validator, summary
     upload. Returns the diffusers file."""
     accelerator, steps, output_dir = run.accelerator, cfg.train.max_steps, Path(cfg.output_dir)
     check_replicas_agree(accelerator, *exporter.lora_models.values())
-    final = output_dir / WEIGHT_NAME
-    with run.phases("export"):
-        checkpointer.save(steps)
+    final, written, grid = output_dir / WEIGHT_NAME, [], None
+    with run.phases("export") as export:
+        checkpoint = checkpointer.save(steps)
         if accelerator.is_main_process:
             final = exporter.write(output_dir, steps)
-            log.info("exported %s (%s it/s)", final, summary["steady_it_per_s"])
         with exporter.ema.applied():  # train.ema_decay: the grid and the kohya file show the EMA
-            validator.before_after(steps)  # before the model card, which shows it
+            grid = validator.before_after(steps)  # before the model card, which shows it
             if accelerator.is_main_process:
-                publish(output_dir, cfg.export, exporter.lora_models, exporter.info(steps), exporter.embeddings())
+                written = publish(output_dir, cfg.export, exporter.lora_models, exporter.info(steps),
+                                  exporter.embeddings())
+                export.add(f"{plural(len(written) + (grid is not None), 'file')} written")
     if accelerator.is_main_process:
         write_summary(output_dir, {**summary, **run.phases.summary()})
-        log.info("summary: %d steps, %d skipped (NaN/Inf); %s", steps - run.start, skipped, run.photos.summary())
+        log_finished_run(output_dir, written + ([grid] if grid else []), checkpoint, summary, skipped,
+                         run.photos.summary())
     accelerator.end_training()
     if accelerator.is_main_process:
         release_run_lock(output_dir)  # the folder is free for the next run (a crashed run's lock dies with it)

@@ -57,15 +57,15 @@ def train_loop(cfg, run: Run, training: Training, plans: list, objective, checkp
     guard = NonFiniteGuard(accelerator, train.max_bad_steps, train.learning_rate,
                            str(Path(cfg.output_dir) / CHECKPOINTS))
     stop = graceful_stop(accelerator)  # SIGINT/SIGTERM: finish the step, save, exit
-    bar = tqdm(range(run.start, train.max_steps), initial=run.start, total=train.max_steps, desc="training",
-               disable=not accelerator.is_local_main_process)
+    # Updated by hand once a step is done, so a message after step N (a stop, an error) finds the bar at N.
+    bar = tqdm(initial=run.start, total=train.max_steps, desc="training", disable=not accelerator.is_local_main_process)
     if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()  # hand back what encoding used: a smaller card needs it for the U-Net
     setup_seconds = time.perf_counter() - run.started
     clock = StepClock(accelerator.device, train.max_steps - run.start)
     trained = list(training.models.values())
     micro_steps = train.gradient_accumulation
-    for step in bar:
+    for step in range(run.start, train.max_steps):
         for plan in plans[(step - run.start) * micro_steps:(step - run.start + 1) * micro_steps]:
             with accelerator.accumulate(*trained):
                 loss, parts = objective(plan)
@@ -81,16 +81,19 @@ def train_loop(cfg, run: Run, training: Training, plans: list, objective, checkp
         clock.step_done()
         for hook in training.step_hooks:  # e.g. lora.pivotal's embeddings fixed from their stop step on
             hook(step + 1)
+        bar.update(1)
         guard.record(step + 1)
         if (step + 1) % train.log_every == 0 or step + 1 == train.max_steps:
             log_step(accelerator, bar, step + 1, loss, parts, training.lr_scheduler, guard.skipped)
         if stop.requested():
+            bar.close()
             raise stop.stop(checkpointer.save(step + 1), step + 1)
         if checkpointer.due(step + 1) and guard.healthy:
             checkpointer.save(step + 1)
         if validator.due(step + 1):
             with training.ema.applied():  # the grid shows what would be exported
                 validator.validate(step + 1)
+    bar.close()
     summary = {**clock.summary(train.max_steps), **optimizer_state_summary(training.optimizer, training.params),
                "mode": train.mode, "setup_seconds": round(setup_seconds, 2)}
     return LoopResult(summary, guard.skipped)

@@ -2,47 +2,71 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import torch
 
+from ..console import seconds
 from ..models import free_gpu_cache
 
 log = logging.getLogger("finetune")
 
 
-class PhaseClock:
-    """A line per phase with its time (and, on a GPU, its peak memory), kept for train_summary.json.
+@dataclasses.dataclass
+class Phase:
+    """What one phase did, told by the code inside it (`add`): said on the phase's line before its time."""
+    notes: list[str] = dataclasses.field(default_factory=list)
 
-    The first entry is the process's start-up and imports, from the moment the OS started the process.
+    def add(self, note: str) -> None:
+        self.notes.append(note)
+
+
+class PhaseClock:
+    """One line per phase (said by the main process) with what it did, its time and, on a GPU, its peak memory:
+    'class images: 4 images drawn into class_images/ (12 s, peak 3412 MiB reserved)'. The times are kept for
+    train_summary.json.
+
+    The first entry is the process's start-up and imports, from the moment the OS started the process; its line
+    comes with the first phase, so a run that stops at its checks (before any phase) prints only its error.
     """
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        startup = time.time() - psutil.Process().create_time()
-        self.seconds: dict[str, float] = {"start-up and imports": round(startup, 2)}
+    def __init__(self, device: torch.device, main_process: bool = True):
+        self.device, self.main_process = device, main_process
+        self.startup = time.time() - psutil.Process().create_time()
+        self.seconds: dict[str, float] = {"start-up and imports": round(self.startup, 2)}
         self.peak_mib: dict[str, int] = {}
-        log.info("start-up and imports: %.1f s", startup)
+        self.started_phases = False
 
     @contextlib.contextmanager
-    def __call__(self, phase: str):
+    def __call__(self, phase: str) -> Iterator[Phase]:
+        if not self.started_phases:
+            self.started_phases = True
+            self.say("start-up and imports", None, self.startup)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        started = time.perf_counter()
-        yield
+        started, done = time.perf_counter(), Phase()
+        yield done
         if cuda:
             torch.cuda.synchronize(self.device)
             self.peak_mib[phase] = round(torch.cuda.max_memory_reserved(self.device) / 2**20)
             free_gpu_cache()  # what this phase left cached would otherwise add to the next one's peak
-        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - started, 2)
-        memory = f", peak {self.peak_mib[phase]} MiB reserved" if cuda else ""
-        log.info("%s: %.1f s%s", phase, time.perf_counter() - started, memory)
+        elapsed = time.perf_counter() - started
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + elapsed, 2)
+        self.say(phase, "; ".join(done.notes), elapsed, self.peak_mib.get(phase))
+
+    def say(self, phase: str, note: str | None, elapsed: float, peak_mib: int | None = None) -> None:
+        if not self.main_process:
+            return
+        measured = seconds(elapsed) + (f", peak {peak_mib} MiB reserved" if peak_mib is not None else "")
+        log.info("%s: %s", phase, f"{note} ({measured})" if note else measured)
 
     def summary(self) -> dict:
         return {"phase_seconds": dict(self.seconds), **({"phase_peak_reserved_mib": dict(self.peak_mib)}

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 from ..config import ValidationConfig
-from ..data.images import image_grid, to_image
+from ..data.images import to_image
 from ..inference import generate, set_scheduler
 from ..lora import lora_disabled
+from ..pnginfo import save_png
 from ..run_files import BEFORE_AFTER, SAMPLES
+from .validation_grids import before_after_grid, validation_grid
 
 log = logging.getLogger("finetune")
 
@@ -47,7 +49,8 @@ class Validator:
         path = None
         if self.accelerator.is_main_process:
             images = self.draw()
-            path = self.save(image_grid(images, rows=len(self.cfg.prompts)), f"step-{step:06d}.png", "validation", step)
+            labelled = validation_grid(images, self.cfg, self.pipe.name_or_path, step)
+            path = self.save(labelled, f"step-{step:06d}.png", "validation", step)
             if self.metrics is not None:
                 self.log_metrics(images, step)
         self.accelerator.wait_for_everyone()
@@ -70,12 +73,8 @@ class Validator:
         if self.accelerator.is_main_process:
             with lora_disabled(self.lora_models):
                 base = self.draw(self.base_prompts)
-            lora = self.draw()
-            n = self.cfg.num_images
-            rows = [image for p in range(len(self.cfg.prompts))
-                    for image in base[p * n:(p + 1) * n] + lora[p * n:(p + 1) * n]]
-            path = self.save(image_grid(rows, rows=2 * len(self.cfg.prompts)), BEFORE_AFTER, "before_after",
-                             step)
+            labelled = before_after_grid(base, self.draw(), self.cfg, self.pipe.name_or_path, step)
+            path = self.save(labelled, BEFORE_AFTER, "before_after", step)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -98,10 +97,12 @@ class Validator:
                     images.append(to_image(vae.decode(latent.to(vae.dtype)).sample[0]))
         return images
 
-    def save(self, grid, name: str, tag: str, step: int) -> Path:
+    def save(self, labelled, name: str, tag: str, step: int) -> Path:
+        """`labelled`: (grid with its legend, its parameters, its cells), written into the PNG."""
+        grid, params, cells = labelled
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / name
-        grid.save(path)
+        path = save_png(grid.image, self.folder / name, params, cells)
+        grid = grid.image
         try:
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
         except (ValueError, KeyError, AttributeError):

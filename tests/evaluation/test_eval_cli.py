@@ -27,11 +27,11 @@ def evaluated(eval_run, photos_master, tiny_clip, tiny_dino):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["eval", str(eval_run), *eval_overrides(photos_master, tiny_clip, tiny_dino)])
     assert code == 0, err.getvalue()
-    return eval_run / "eval", out.getvalue()
+    return eval_run / "eval", out.getvalue(), err.getvalue()
 
 
 def test_eval_writes_the_table_csv_plot_and_sheets_and_names_a_best_checkpoint(evaluated):
-    folder, printed = evaluated
+    folder, printed, _ = evaluated
     report = json.loads((folder / "metrics.json").read_text())
     rows = report["rows"]
     assert [r["checkpoint"] for r in rows] == ["base", *CHECKPOINTS] and [r["step"] for r in rows] == [0, 1, 2, 3]
@@ -66,7 +66,7 @@ def test_eval_writes_the_table_csv_plot_and_sheets_and_names_a_best_checkpoint(e
 def test_dino_recomputed_from_the_sheet_with_transformers_alone(evaluated, photos_master, tiny_dino):
     """Oracle: the base model's images cut from its sheet (64 px cells hold them unscaled, PNG is lossless),
     embedded by ViTModel directly, averaged over every (image, photo) pair."""
-    folder, _ = evaluated
+    folder, _, _ = evaluated
     sheet = Image.open(folder / "sheets" / "base.png").convert("RGB")
     drawn = [sheet.crop((LABEL_WIDTH, HEADER + 64 * p, LABEL_WIDTH + 64, HEADER + 64 * (p + 1))) for p in range(2)]
     photos = [open_rgb(p) for p in list_images(photos_master, "photos")]
@@ -80,7 +80,7 @@ def test_dino_recomputed_from_the_sheet_with_transformers_alone(evaluated, photo
 
 def test_an_earlier_evaluation_is_kept_unless_overwrite(evaluated, eval_run, photos_master, tiny_clip, tiny_dino,
                                                         run_cli):
-    folder, _ = evaluated
+    folder, _, _ = evaluated
     before = (folder / "metrics.json").read_bytes()
     code, _, err = run_cli("eval", eval_run, *eval_overrides(photos_master, tiny_clip, tiny_dino))
     assert code == 2 and err.count("\n") == 1
@@ -111,3 +111,22 @@ def test_an_offline_hub_model_stops_before_anything_is_drawn(eval_run, photos_ma
     assert "eval.dino_model: facebook/dino-vits16 is neither a folder here nor in the local Hugging Face cache" in err
     assert "set eval.dino_model=models/dino-vits16" in err
     assert not (out / "metrics.json").exists() and not (out / "sheets").exists()
+
+
+def test_eval_prints_no_library_text_and_its_pngs_hold_their_parameters(evaluated, eval_run):
+    """Issue 18: eval's console holds only finetune's lines; every PNG it writes carries A1111's `parameters` and
+    the `finetune` JSON; each sheet's legend names its checkpoint's step and LoRA scale."""
+    folder, _, err = evaluated
+    # Only eval's own line per checkpoint: no transformers load report (DINO's pooler), no warning of any library.
+    assert [line.split(": DINO ")[0] for line in err.splitlines()] == ["base", *CHECKPOINTS], err
+    sheet = Image.open(folder / "sheets" / "step-000002.png")
+    record = json.loads(sheet.text["finetune"])
+    lora = eval_run / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors"
+    assert record["step"] == 2 and record["loras"] == [{"path": str(lora.resolve()), "scale": 1.0}]
+    assert [(c["prompt"], c["seed"]) for c in record["grid"]] == [("a sks cat in the jungle", 0), ("a red sks cat", 0)]
+    assert sheet.text["parameters"].startswith("a sks cat in the jungle <lora:")
+    assert "Steps: 1, Sampler: Euler, CFG scale: 7.5, Seed: 0, Size: 64x64" in sheet.text["parameters"]
+    assert "<lora:" not in Image.open(folder / "sheets" / "base.png").text["parameters"]
+    plot = Image.open(folder / "metrics.png")
+    assert json.loads(plot.text["finetune"])["protocol"]["prompts"] == ["a sks cat in the jungle", "a red sks cat"]
+    assert "Steps: 1" in plot.text["parameters"]

@@ -113,6 +113,8 @@ def test_sigint_saves_the_step_in_flight_and_exits_130(tiny_sd1, photos, tmp_pat
     assert code == 130, err
     assert err.splitlines()[-1].startswith(
         f"finetune: error: interrupted by SIGINT after step 2; saved {run}/checkpoints/step-000002")
+    bars = [piece for piece in err.replace("\r", "\n").splitlines() if piece.startswith("training: ")]
+    assert " 2/4 [" in bars[-1], bars[-1]  # the bar stopped where the message says, on its own line
     assert [p.name for p in checkpoint_dirs(run)] == ["step-000002"]
     assert not (run / EXPORT).exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI put Python's handler back
@@ -177,7 +179,7 @@ def test_a_nan_step_is_skipped_and_counted(tiny_sd1, photos, tmp_path, run_cli, 
     code, _, err = run_cli("train", SD15, *overrides)
     assert code == 0, err
     assert "step 2 had a NaN/Inf loss or gradient; skipped it (1 in a row)" in caplog.text
-    assert "summary: 4 steps, 2 skipped (NaN/Inf)" in caplog.text
+    assert "done: 4 steps, 2 skipped (NaN/Inf)" in caplog.text
     ckpt = tmp_path / "run" / "checkpoints"
     # No checkpoint after a bad step (step 2); the final one is written, and the skipped step 4 changed nothing.
     assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-000001", "step-000003", "step-000004"]

@@ -45,8 +45,9 @@ def test_cli_trains_two_buckets_with_captions_and_the_export_reloads_equal(tiny_
     assert code == 0, err
     result = results[0]
     samples = tmp_path / "run" / "samples"
-    assert Image.open(samples / "step-000003.png").size == (128, 128)
-    assert Image.open(samples / "before_after.png").size == (128, 256)
+    for name, kinds in (("step-000003.png", [True]), ("before_after.png", [False, True])):  # labelled grids
+        cells = json.loads(Image.open(samples / name).text["finetune"])["grid"]
+        assert [c["lora"] for c in cells] == kinds and all(c["box"][2:] == [128, c["box"][1] + 128] for c in cells)
     card = (tmp_path / "run" / "README.md").read_text()  # the model card shows the base-vs-LoRA grid
     assert "![samples](samples/before_after.png)" in card and "StableDiffusionXLPipeline" in card
     meta = finetune_metadata(result.export)
@@ -136,7 +137,8 @@ def test_sdxl_shares_the_guard_the_signal_handling_the_protected_output_and_exac
     caplog.clear()
     code, _, err = run_cli("train", SDXL, *common, "train.resume=latest")
     assert code == 0, err
-    assert "at step 3 (6 samples seen)" in caplog.text and "summary: 1 steps, 0 skipped (NaN/Inf)" in caplog.text
+    assert "at step 3 (6 samples seen)" in caplog.text
+    assert "done: 4 steps (1 this run), 0 skipped (NaN/Inf)" in caplog.text
     assert json.loads((run / "train_summary.json").read_text())["steps"] == 4
     want, got = load_file(tmp_path / "straight" / WEIGHT_NAME), load_file(run / WEIGHT_NAME)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
