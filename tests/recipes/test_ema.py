@@ -92,10 +92,10 @@ def test_validation_draws_the_ema_and_training_is_unchanged(tiny_sd1, photos, tm
 
     drawn_with, real_draw = [], Validator.draw
 
-    def spy(self):
+    def spy(self, prompts=None):
         # a copy: on the CPU lora_state's tensors are the live parameters
         drawn_with.append({k: v.clone() for k, v in lora_state(self.lora_models[0]).items()})
-        return real_draw(self)
+        return real_draw(self, prompts)
 
     monkeypatch.setattr(Validator, "draw", spy)
     run = tmp_path / "ema"
