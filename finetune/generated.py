@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import FinetuneError
-from .inference import Sampling, generate_command, generation_batches
+from .inference import Edit, Generator, Sampling, generate_command, generation_batches
 from .legend import labelled_grid, seed_columns
 from .pnginfo import ImageParams, LoraUse, file_sha256, model_reference, params_from_png, save_png
 
@@ -80,8 +80,9 @@ def sampling_of(args: argparse.Namespace) -> Sampling:
 def draw(args: argparse.Namespace, loras: list[tuple[str, float]]) -> tuple[list[Image.Image], Image.Image | None]:
     """generate's images and its input picture (None from noise): or, for --from-png without a new prompt, seed
     or count, the image's batch drawn again and only the image kept."""
-    images, shown = generate_command(args.model, args.prompt, loras, sampling_of(args), args.scheduler, args.device,
-                                     args.resolution, args.init_image, args.mask, args.strength, args.inpaint_model)
+    generator = Generator(args.model, loras, args.scheduler, args.device, args.resolution)
+    edit = Edit(args.init_image, args.mask, args.strength, args.inpaint_model)
+    images, shown = generate_command(args.prompt, generator, sampling_of(args), edit)
     if args.redraw:
         images = [images[args.redraw[1]]]
     return images, shown

@@ -354,37 +354,65 @@ def check_strength(strength: float) -> None:
         raise FinetuneError(f"--strength {strength:g}: give a value from 0 (keep the input) to 1 (draw anew)")
 
 
-def generate_command(model: str, prompts: list[str], loras: list[tuple[str, float]], sampling: Sampling,
-                     scheduler: str = "dpm++", device: str | None = None, resolution: int | None = None,
-                     init_image: str | None = None, mask: str | None = None, strength: float | None = None,
-                     inpaint_model: str | None = None) -> tuple[list[Image.Image], Image.Image | None]:
+@dataclasses.dataclass
+class Generator:
+    """What `generate` draws with: the model and its LoRAs (path, scale), the sampler, the device and the size."""
+    model: str
+    loras: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    scheduler: str = "dpm++"
+    device: str | None = None
+    resolution: int | None = None  # None: the model's own (or, editing, the input picture's)
+
+
+@dataclasses.dataclass
+class Edit:
+    """What an edit starts from: image-to-image with init_image, inpainting with a mask too (and optionally an
+    inpainting model); all None draws from noise."""
+    init_image: str | None = None
+    mask: str | None = None
+    strength: float | None = None
+    inpaint_model: str | None = None
+
+
+def generate_command(prompts: list[str], generator: Generator, sampling: Sampling,
+                     edit: Edit = Edit()) -> tuple[list[Image.Image], Image.Image | None]:
     """What `finetune generate` does: every option checked before a model loads, then the mode they ask for
     (text-to-image; image-to-image with --init-image; inpainting with --mask too). Returns the images and the
     input image, which the grid shows beside them."""
-    if init_image is None:
-        for option, value in (("--mask", mask), ("--strength", strength), ("--inpaint-model", inpaint_model)):
+    photo, region = read_edit_inputs(edit, generator.resolution)
+    if edit.inpaint_model:
+        pipe = load_inpainter(edit.inpaint_model, generator.model, generator.loras, generator.scheduler,
+                              generator.device)
+    else:
+        pipe = load_generator(generator.model, generator.loras, generator.scheduler, generator.device)
+    if region is not None and photo is not None:
+        strength = INPAINT_STRENGTH if edit.strength is None else edit.strength
+        return inpaint(pipe, prompts, photo, region, strength, sampling), photo
+    if photo is not None:
+        strength = IMG2IMG_STRENGTH if edit.strength is None else edit.strength
+        return image_to_image(pipe, prompts, photo, strength, sampling), photo
+    return text_to_image(pipe, prompts, sampling, generator.resolution), None
+
+
+def read_edit_inputs(edit: Edit, resolution: int | None) -> tuple[Image.Image | None, Image.Image | None]:
+    """The input picture and mask, each checked (and the options that go with them) before any model loads."""
+    if edit.init_image is None:
+        for option, value in (("--mask", edit.mask), ("--strength", edit.strength),
+                              ("--inpaint-model", edit.inpaint_model)):
             if value is not None:
                 raise FinetuneError(f"{option} needs --init-image, the picture to start from")
     elif resolution is not None:
         raise FinetuneError("--resolution: the images take --init-image's size; leave --resolution out")
-    if inpaint_model is not None and mask is None:
+    if edit.inpaint_model is not None and edit.mask is None:
         raise FinetuneError("--inpaint-model needs --mask, the region to paint")
     check_resolution(resolution)
-    if strength is not None:
-        check_strength(strength)
-    photo = open_image(init_image) if init_image is not None else None
+    if edit.strength is not None:
+        check_strength(edit.strength)
+    photo = open_image(edit.init_image) if edit.init_image is not None else None
     if photo is not None:
         check_size(photo, "--init-image")
-    region = open_image(mask, "mask") if mask is not None else None
+    region = open_image(edit.mask, "mask") if edit.mask is not None else None
     if region is not None and photo is not None:  # a mask without --init-image was refused above
         check_mask(region, photo)
-    pipe = (load_inpainter(inpaint_model, model, loras, scheduler, device) if inpaint_model
-            else load_generator(model, loras, scheduler, device))
-    if region is not None and photo is not None:
-        strength = INPAINT_STRENGTH if strength is None else strength
-        return inpaint(pipe, prompts, photo, region, strength, sampling), photo
-    if photo is not None:
-        strength = IMG2IMG_STRENGTH if strength is None else strength
-        return image_to_image(pipe, prompts, photo, strength, sampling), photo
-    return text_to_image(pipe, prompts, sampling, resolution), None
+    return photo, region
 

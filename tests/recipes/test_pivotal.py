@@ -3,6 +3,7 @@ their own learning rate, until their stop step), the exported embeddings load in
 draws, the UIs' files have the keys their loaders look for, generate uses them, and resume is bitwise."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -128,9 +129,10 @@ def test_sd_only_new_rows_train_at_their_rate_until_their_stop_and_every_client_
     # Validation drew with the trained tokens: its LoRA row is what generate draws with the run's LoRA and
     # embeddings, and its base row the base model with the prompt as written.
     grid = Image.open(run / "samples" / "before_after.png")
-    assert grid.size == (64, 128)
+    cells = json.loads(grid.text["finetune"])["grid"]  # where each cell is, under its legend
+    assert [c["lora"] for c in cells] == [False, True]
     common = ["--steps", 2, "--scheduler", "dpm++", "--seed", 0, "--guidance", 7.5]
-    rows = {"base": grid.crop((0, 0, 64, 64)), "lora": grid.crop((0, 64, 64, 128))}
+    rows = {"base": grid.crop(cells[0]["box"]), "lora": grid.crop(cells[1]["box"])}
     drawn = {"base": pixels(draw(run_cli, tiny_sd1, tmp_path / "g-base", "a photo of sks dog", *common)),
              "lora": pixels(draw(run_cli, tiny_sd1, tmp_path / "g-lora", "a photo of sks dog", *common, run))}
     bare = tmp_path / "bare"
