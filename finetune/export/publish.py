@@ -7,6 +7,7 @@ from pathlib import Path
 from ..config import ExportConfig
 from ..family import Family
 from ..run_files import BEFORE_AFTER, SAMPLES
+from .adapters import kohya_note
 from .convert import export_kohya
 from .diffusers_format import WEIGHT_NAME
 from .hub import push_to_hub
@@ -35,9 +36,9 @@ def publish(output_dir: str | Path, export: ExportConfig, models: dict, info: di
     written, kohya_file = [output_dir / WEIGHT_NAME], None
     if export.kohya:
         kohya_file = kohya_file_name(output_dir)
-        written.append(export_kohya(weights_from_models(models, Family.from_name(info["family"])),
-                                    output_dir / kohya_file, info, export.kohya_precision))
-        log.info("exported %s (kohya format)", written[-1])
+        weights = weights_from_models(models, Family.from_name(info["family"]))
+        written.append(export_kohya(weights, output_dir / kohya_file, info, export.kohya_precision))
+        log.info("%s", kohya_note(weights.kind, written[-1]) or f"exported {written[-1]} (kohya format)")
     if export.model_card:
         written.append(write_model_card(output_dir, info, export.license, kohya_file, sample_grid(output_dir)))
     if export.push_to_hub:
