@@ -11,11 +11,13 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
 from .errors import ConfigError
+
+T = TypeVar("T")
 
 
 def option(default: Any, doc: str) -> Any:
@@ -149,6 +151,14 @@ def with_mode(data: dict) -> dict:
         if isinstance(merged.get(section, {}), dict):
             merged[section] = {**preset, **merged.get(section, {})}
     return merged
+
+
+def resolved(value: T | None, key: str) -> T:
+    """A value finetune.defaults fills in when a run starts (train.max_steps, train.learning_rate), once it has."""
+    if value is None:
+        raise ConfigError(f"{key} is unset; a training run derives it from the photos when it starts "
+                          "(finetune.defaults.with_defaults), or set it")
+    return value
 
 
 def to_dict(cfg: Any) -> dict:

@@ -40,8 +40,8 @@ def peft_config(lora: LoraConfig, targets) -> PeftConfig:
     if lora.type in ("lora", "dora"):
         return PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               init_lora_weights="gaussian", target_modules=targets, use_dora=lora.type == "dora")
-    kind = LoHaConfig if lora.type == "loha" else LoKrConfig
-    return kind(r=lora.rank, alpha=lora.alpha, rank_dropout=lora.dropout, target_modules=targets)
+    kinds: dict[str, type[LoHaConfig] | type[LoKrConfig]] = {"loha": LoHaConfig, "lokr": LoKrConfig}
+    return kinds[lora.type](r=lora.rank, alpha=lora.alpha, rank_dropout=lora.dropout, target_modules=targets)
 
 
 def adapter_type(config: PeftConfig) -> str:
@@ -55,8 +55,8 @@ def adapter_type(config: PeftConfig) -> str:
 
 def rank_and_alpha(config: PeftConfig) -> tuple[int, float]:
     """(rank, alpha) of any of the four configs (LoRA's names its alpha lora_alpha, LoHa's and LoKr's alpha)."""
-    alpha = config.lora_alpha if isinstance(config, PeftLoraConfig) else config.alpha  # type: ignore[attr-defined]
-    return int(config.r), float(alpha)  # type: ignore[attr-defined]
+    alpha = config.lora_alpha if isinstance(config, PeftLoraConfig) else config.alpha
+    return int(config.r), float(alpha)
 
 
 def inject_lora(model: torch.nn.Module, config: PeftConfig) -> None:

@@ -66,11 +66,12 @@ class LoraWeights:
     source_format: str                           # "diffusers" or "kohya"
     family: Family | None = None                 # the base model's family, where known (finetune.family resolves it)
     kind: str = "lora"                           # lora, dora, loha or lokr (lora.type)
+    ranks: dict[str, int] = dataclasses.field(default_factory=dict)  # where the tensors cannot show it (below)
 
     def rank(self, component: str) -> int:
         ranks = {module_rank(self.kind, part) for part in module_parts(self.layers[component]).values()} - {None}
-        if not ranks and self.header.get("finetune.rank"):  # LoKr with every lokr_w2 full shows no rank
-            return int(json.loads(self.header["finetune.rank"]))
+        if not ranks and component in self.ranks:  # LoKr with every lokr_w2 full shows no rank: the config's
+            return self.ranks[component]
         if len(ranks) != 1:
             raise FinetuneError(f"{component}: {NAMES[self.kind]} layers have different ranks "
                                 f"{sorted(r for r in ranks if r is not None)}; finetune handles one rank per model "
@@ -135,13 +136,21 @@ def read_lora(path: str | Path, unet_config=None, family: Family | None = None) 
         raise FinetuneError(f"{path}: neither a diffusers LoRA (unet./text_encoder. keys) nor a kohya LoRA "
                             f"(lora_unet_/lora_te_ keys); its keys start {', '.join(sorted(tensors)[:3])}")
     kind = layers_kind(path, layers)
-    weights = LoraWeights(layers, alpha, header, source_format, kind=kind)
+    weights = LoraWeights(layers, alpha, header, source_format, kind=kind, ranks=stated_ranks(header, layers))
     for component in layers:
         rank = weights.rank(component)  # one rank per part, checked now rather than at first use
         if kind == "lokr" and source_format == "kohya":
             layers[component] = unscale_full_lokr(layers[component], rank, alpha[component])
     weights.family = family or family_of_lora(width_view(kind, layers), header)
     return weights
+
+
+def stated_ranks(header: dict, layers: dict) -> dict[str, int]:
+    """The ranks a file's header states: diffusers' adapter metadata (`unet.r`), else finetune's own `rank`."""
+    adapter = json.loads(header.get("lora_adapter_metadata", "{}"))
+    ours = header.get("finetune.rank")
+    return {c: int(adapter.get(f"{c}.r", json.loads(ours) if ours else 0)) for c in layers
+            if f"{c}.r" in adapter or ours}
 
 
 def width_view(kind: str, layers: dict[str, dict]) -> dict[str, dict]:
@@ -289,7 +298,8 @@ def weights_from_models(models: dict, family: Family | None = None) -> LoraWeigh
     kinds = {adapter_type(lora_config(model)) for model in models.values()}
     return LoraWeights({name: canonical(name, lora_state(model)) for name, model in models.items()},
                        {name: rank_and_alpha(lora_config(model))[1] for name, model in models.items()},
-                       {}, "diffusers", family, kinds.pop())
+                       {}, "diffusers", family, kinds.pop(),
+                       {name: rank_and_alpha(lora_config(model))[0] for name, model in models.items()})
 
 
 def load_into_models(weights: LoraWeights, models: dict, path: str | Path) -> None:
@@ -346,7 +356,7 @@ def fit_to_models(weights: LoraWeights, models: dict) -> tuple[LoraWeights, list
                 continue
             layers.setdefault(component, {}).update({f"{module}.{name}": value for name, value in parts.items()})
     fitting = LoraWeights(layers, {c: weights.alpha[c] for c in layers}, weights.header, weights.source_format,
-                          weights.family, weights.kind)
+                          weights.family, weights.kind, weights.ranks)
     return fitting, unfit
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from ..config import TrainConfig
+from ..config import TrainConfig, resolved
 from ..data.captions import caption_source, warn_long_prompts
 from ..data.class_images import ClassFolderReport, remove_broken_class_images, screen_class_images
 from ..data.dataset import Example, instance_examples
@@ -68,7 +68,7 @@ def validate_run(cfg, num_processes: int = 1, main_process: bool = True) -> Chec
     instance, photos = screen_photos(instance_examples(data), train.resolution, data.on_bad_image, data.buckets,
                                      data.allow_upscale)
     train, chosen = with_defaults(train, cfg.lora.type, len(instance), num_processes)  # needs the photo count
-    if resume_from is not None and start > train.max_steps:
+    if resume_from is not None and start > resolved(train.max_steps, "train.max_steps"):
         raise FinetuneError(f"train.resume: {resume_from} is at step {start}, past train.max_steps="
                             f"{train.max_steps}; raise train.max_steps to train on from it")
     if main_process:

@@ -188,3 +188,94 @@ def test_resume_continues_every_type_bit_for_bit(trained, run_cli):
     assert code == 0, err
     ours, theirs = load_file(copy / WEIGHT_NAME), load_file(run / WEIGHT_NAME)
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_init_from_reads_each_types_kohya_file(trained, run_cli, tmp_path):
+    kind, run, _, overrides = trained
+    keep = [o for o in overrides if not o.startswith(("output_dir=", "train.max_steps=", "train.learning_rate=",
+                                                       "train.checkpoint_every="))]
+    other = "lokr" if kind == "loha" else "loha"
+    code, _, err = run_cli("train", SD15, *keep, f"output_dir={tmp_path / 'wrong'}", f"lora.type={other}",
+                           f"lora.init_from={run / 'run.safetensors'}")
+    assert code == 2 and err.strip().endswith(f"trains lora.type={other}; set lora.type={kind}"), err
+    code, _, err = run_cli("train", SD15, *keep, f"output_dir={tmp_path / 'cont'}", "train.max_steps=1",
+                           "train.learning_rate=1e-30", f"lora.init_from={run / 'run.safetensors'}")
+    assert code == 0, err
+    started, trained_weights = read_lora(tmp_path / "cont"), read_lora(run)
+    assert started.kind == kind
+    for component, part in trained_weights.layers.items():
+        assert set(started.layers[component]) == set(part)
+        for key, value in part.items():
+            torch.testing.assert_close(started.layers[component][key], value, atol=1e-6, rtol=1e-5)
+
+
+def test_generate_loads_lora_and_dora_as_trained_and_refuses_loha_lokr_in_one_line(trained, tiny_sd1):
+    from finetune.errors import FinetuneError
+    from finetune.export.pipeline_lora import load_lora
+    kind, run, result, _ = trained
+    pipe = fresh_pipeline(tiny_sd1)
+    if kind in ("loha", "lokr"):
+        with pytest.raises(FinetuneError, match=f"does not read {dict(loha='LoHa', lokr='LoKr')[kind]}"):
+            load_lora(pipe, run, "subject")
+        return
+    load_lora(pipe, run, "subject")
+    inputs = probe_inputs(result.unet)
+    for got, want in zip(outputs(pipe.unet, pipe.text_encoder, inputs), outputs(result.unet, result.text_encoder,
+                                                                                 inputs)):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_an_unknown_type_stops_before_any_model_loads(run_cli, tmp_path):
+    code, _, err = run_cli("train", SD15, "lora.type=lorx", f"model.pretrained={tmp_path / 'nowhere'}")
+    assert code == 2 and err.strip() == "finetune: error: lora.type: 'lorx' is not one of lora, dora, loha, lokr"
+
+
+@torch.no_grad()
+def effective_weights(model) -> dict[str, torch.Tensor]:
+    """Each adapted layer's weight as the model computes with it (the layer run on the identity matrix)."""
+    found = {}
+    for name, module in model.named_modules():
+        if module in tuner_layers(model):
+            base = module.get_base_layer()
+            bias = base.bias if base.bias is not None else 0
+            found[name] = (module(torch.eye(base.in_features)) - bias).T
+    return found
+
+
+@pytest.mark.parametrize("kind, rank", [("dora", 2), ("lokr", 4)])  # LoKr rank 4: some lokr_w2 full, some factored
+def test_sdxl_unet_and_both_text_encoders_for_dora_and_lokr(kind, rank, tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from finetune.demo import prepare_photos
+    from tests.helpers import SDXL, sdxl_overrides
+    prepare_photos(tmp_path / "photos")
+    overrides = sdxl_overrides(tiny_sdxl, tmp_path / "photos", tmp_path, **{
+        "lora.type": kind, "lora.rank": rank, "lora.alpha": 3, "lora.text_encoder": "true", "train.max_steps": 1,
+        "train.learning_rate": 5e-2, "export.kohya": "true", "export.kohya_precision": "fp32"})
+    module, cfg = load_recipe_config(SDXL, overrides)
+    result = module.main(cfg)
+    models = {"unet": result.unet, "text_encoder": result.text_encoders[0], "text_encoder_2": result.text_encoders[1]}
+    want = {name: effective_weights(model) for name, model in models.items()}
+    kohya = load_file(tmp_path / "run" / "run.safetensors")
+    assert {key.split("_")[1] for key in kohya} == {"unet", "te1", "te2"}
+    parts = {key.partition(".")[2] for key in kohya}
+    assert parts == ({"lora_down.weight", "lora_up.weight", "dora_scale", "alpha"} if kind == "dora" else
+                     {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"})
+    run = tmp_path / "run"
+    loaders = [("ours", run / WEIGHT_NAME), ("ours", run / "run.safetensors")]
+    for how, path in loaders + ([("diffusers", run)] if kind == "dora" else []):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+        fresh = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+        if how == "diffusers":
+            pipe.load_lora_weights(path)
+        else:
+            lora = cfg.lora  # the recipe's targets (SDXL: all attention layers)
+            add_unet_lora(pipe.unet, lora)
+            add_text_encoder_lora(pipe.text_encoder, lora)
+            add_text_encoder_lora(pipe.text_encoder_2, lora)
+            load_into_models(read_lora(path, pipe.unet.config), fresh, path)
+        for name, model in fresh.items():
+            got = effective_weights(model)
+            assert set(got) == set(want[name]), (how, name)
+            for layer, weight in got.items():
+                torch.testing.assert_close(weight, want[name][layer], atol=2e-5, rtol=1e-4)
