@@ -176,7 +176,10 @@ def _from_kohya(tensors: dict, path: Path, unet_config) -> tuple[dict, dict]:
     alphas: dict[str, dict[str, float]] = {}
     failed: list[str] = []
     for _, group in sorted(groups.items()):
-        converted = _convert_kohya_module(group, unet_config)
+        try:
+            converted = _convert_kohya_module(group, unet_config)
+        except FinetuneError as exc:  # a module's parts of no type finetune reads: name the file too
+            raise FinetuneError(f"{path}: {exc}; nothing was imported") from None
         if converted is None:
             failed += sorted(group)
             continue
@@ -197,7 +200,7 @@ def _convert_kohya_module(group: dict, unet_config):
     stand-in LoRA pair of that name, and the module's own tensors go under the name it finds."""
     name = next(iter(group)).partition(".")[0]
     parts = {k.partition(".")[2]: v for k, v in group.items()}
-    if set(parts) - {"alpha"} != {"lora_down.weight", "lora_up.weight"}:
+    if set(parts) - set(KOHYA_PARTS):  # LyCORIS' parts: DoRA's dora_scale, LoHa's hada_*, LoKr's lokr_*
         kind, peft_parts = from_kohya_parts(parts, name)
         probe = {f"{name}.lora_down.weight": torch.zeros(1, 1), f"{name}.lora_up.weight": torch.zeros(1, 1),
                  **({f"{name}.alpha": parts["alpha"]} if "alpha" in parts else {})}
