@@ -6,8 +6,9 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..family import Family
+from .adapters import NAMES
 
-SETTINGS = ("base_model", "family", "rank", "alpha", "unet_targets", "text_encoder", "steps", "epochs",
+SETTINGS = ("base_model", "family", "type", "rank", "alpha", "unet_targets", "text_encoder", "steps", "epochs",
             "learning_rate", "batch_size", "resolution", "prediction_type", "num_train_images", "num_class_images",
             "seed")
 
@@ -32,11 +33,17 @@ def write_model_card(folder: str | Path, info: dict, license: str, kohya_file: s
         lines += ["## Samples", "", f"![samples]({grid})", ""]
     lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {key} | {info[key]} |" for key in SETTINGS if key in info]
-    lines += ["", "## Use it in diffusers", "", "```python", "import torch",
-              f"from diffusers import {pipeline}", "",
-              f"pipe = {pipeline}.from_pretrained(\"{header.base_model}\", dtype=torch.float16).to(\"cuda\")",
-              "pipe.load_lora_weights(\"path/to/this/folder\")  # pytorch_lora_weights.safetensors",
-              f"image = pipe(\"{header.instance_prompt}\").images[0]", "```", ""]
+    kind = str(info.get("type", "lora"))
+    if kind in ("loha", "lokr"):  # diffusers' loaders know neither: say so rather than show code that fails
+        lines += ["", "## Use it", "", f"diffusers' `load_lora_weights` does not read {NAMES[kind]}; "
+                  "`pytorch_lora_weights.safetensors` is finetune's file (for `lora.init_from` and `finetune "
+                  "export`). Use the kohya file in a UI that reads LyCORIS files.", ""]
+    else:
+        lines += ["", "## Use it in diffusers", "", "```python", "import torch",
+                  f"from diffusers import {pipeline}", "",
+                  f"pipe = {pipeline}.from_pretrained(\"{header.base_model}\", dtype=torch.float16).to(\"cuda\")",
+                  "pipe.load_lora_weights(\"path/to/this/folder\")  # pytorch_lora_weights.safetensors",
+                  f"image = pipe(\"{header.instance_prompt}\").images[0]", "```", ""]
     if kohya_file:
         name = Path(kohya_file).stem
         lines += ["## Use it in AUTOMATIC1111, Forge or ComfyUI", "",
