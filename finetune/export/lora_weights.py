@@ -69,14 +69,17 @@ class LoraWeights:
     ranks: dict[str, int] = dataclasses.field(default_factory=dict)  # where the tensors cannot show it (below)
 
     def rank(self, component: str) -> int:
-        ranks = {module_rank(self.kind, part) for part in module_parts(self.layers[component]).values()} - {None}
+        shown = (module_rank(self.kind, part) for part in module_parts(self.layers[component]).values())
+        ranks = {rank for rank in shown if rank is not None}
         if not ranks and component in self.ranks:  # LoKr with every lokr_w2 full shows no rank: the config's
             return self.ranks[component]
+        if not ranks:
+            raise FinetuneError(f"{component}: no layer shows the LoKr rank (every lokr_w2 is full) and the file does "
+                                "not state it; finetune needs it to read the file")
         if len(ranks) != 1:
-            raise FinetuneError(f"{component}: {NAMES[self.kind]} layers have different ranks "
-                                f"{sorted(r for r in ranks if r is not None)}; finetune handles one rank per model "
-                                "part" if ranks else f"{component}: no layer shows the LoKr rank; give it in lora.rank")
-        return int(ranks.pop())  # type: ignore[arg-type]
+            raise FinetuneError(f"{component}: {NAMES[self.kind]} layers have different ranks {sorted(ranks)}; "
+                                "finetune handles one rank per model part")
+        return ranks.pop()
 
     def modules(self, component: str) -> list[str]:
         return sorted(module_parts(self.layers[component]))
