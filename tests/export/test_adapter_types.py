@@ -279,3 +279,23 @@ def test_sdxl_unet_and_both_text_encoders_for_dora_and_lokr(kind, rank, tiny_sdx
             assert set(got) == set(want[name]), (how, name)
             for layer, weight in got.items():
                 torch.testing.assert_close(weight, want[name][layer], atol=2e-5, rtol=1e-4)
+
+
+def test_finetune_export_converts_each_type_or_says_in_one_line_why_not(trained, run_cli, tmp_path):
+    kind, run, _, _ = trained
+    code, _, err = run_cli("export", run, "--format", "kohya", "--precision", "fp32",
+                           "--out", tmp_path / "k.safetensors")
+    assert code == 0, err
+    converted, written = load_file(tmp_path / "k.safetensors"), load_file(run / "run.safetensors")
+    assert set(converted) == set(written) and all(torch.equal(converted[k], written[k]) for k in written)
+    code, _, err = run_cli("export", run / "run.safetensors", "--format", "diffusers", "--out", tmp_path / "d")
+    if kind in ("loha", "lokr"):
+        assert code == 2 and err.count("\n") == 1 and "diffusers' load_lora_weights does not read" in err
+        assert not (tmp_path / "d").exists()
+        return
+    assert code == 0, err
+    back, ours = read_lora(tmp_path / "d"), read_lora(run)
+    assert back.kind == kind
+    for component, part in ours.layers.items():
+        for key, value in part.items():
+            torch.testing.assert_close(back.layers[component][key], value, atol=1e-6, rtol=1e-5)
