@@ -337,7 +337,7 @@ class LoraConfig:
         "cross_attention", "U-Net layers that get LoRA: cross_attention (attn2 q/k/v/out) or all_attention")
     text_encoder: bool = option(False, "also train LoRA on the text encoder's q/k/v/out projections")
     init_from: str | None = option(None, "start from an existing LoRA (diffusers or kohya file, or a run folder); "
-                                         "its rank, alpha and layers must match the settings above")
+                                         "its type, rank, alpha and layers must match the settings above")
 
     def __post_init__(self):
         check(self.rank >= 1, "lora.rank", "must be at least 1")
