@@ -13,6 +13,7 @@ try:
     cfg = load(dreambooth_lora.Config, config_path, [o for o in overrides])
 except FinetuneError as exc:
     sys.exit(f"error: {exc}")
-cfg.train.max_steps = min(cfg.train.max_steps, 1000)  # the config is a plain dataclass: edit it in code
+if cfg.train.max_steps is not None:  # unset: the run derives it from the photo count
+    cfg.train.max_steps = min(cfg.train.max_steps, 1000)  # the config is a plain dataclass: edit it in code
 result = dreambooth_lora.main(cfg)
 print(f"LoRA written to {result.export} after {result.steps} steps")

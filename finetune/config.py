@@ -12,13 +12,14 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
 from .errors import ConfigError
 
 WORD = re.compile(r"[\w-]+")  # a prompt word that can also name a file (lora.pivotal_word)
+T = TypeVar("T")
 
 
 def option(default: Any, doc: str) -> Any:
@@ -153,6 +154,14 @@ def with_mode(data: dict) -> dict:
         if isinstance(merged.get(section, {}), dict):
             merged[section] = {**preset, **merged.get(section, {})}
     return merged
+
+
+def resolved(value: T | None, key: str) -> T:
+    """A value finetune.defaults fills in when a run starts (train.max_steps, train.learning_rate), once it has."""
+    if value is None:
+        raise ConfigError(f"{key} is unset; a training run derives it from the photos when it starts "
+                          "(finetune.defaults.with_defaults), or set it")
+    return value
 
 
 def to_dict(cfg: Any) -> dict:
@@ -330,14 +339,18 @@ class PriorConfig:
 
 @dataclasses.dataclass
 class LoraConfig:
-    rank: int = option(4, "LoRA rank (dimension of the low-rank update)")
+    type: Literal["lora", "dora", "loha", "lokr"] = option(
+        "lora", "adapter: lora, dora (LoRA with a learned magnitude per output row), loha (Hadamard product of two "
+                "low-rank pairs) or lokr (Kronecker product), all through peft; see README, Adapter types")
+    rank: int = option(4, "LoRA rank (dimension of the low-rank update; LoHa: of each pair; LoKr: of the "
+                          "Kronecker product's second factor)")
     alpha: float = option(4.0, "LoRA alpha; the update is scaled by alpha / rank (kept in the exported file)")
-    dropout: float = option(0.0, "dropout on the LoRA branch during training")
+    dropout: float = option(0.0, "dropout on the LoRA branch during training (LoHa/LoKr: peft's rank_dropout)")
     unet_targets: Literal["cross_attention", "all_attention"] = option(
         "cross_attention", "U-Net layers that get LoRA: cross_attention (attn2 q/k/v/out) or all_attention")
     text_encoder: bool = option(False, "also train LoRA on the text encoder's q/k/v/out projections")
     init_from: str | None = option(None, "start from an existing LoRA (diffusers or kohya file, or a run folder); "
-                                         "its rank, alpha and layers must match the settings above")
+                                         "its type, rank, alpha and layers must match the settings above")
     pivotal: bool = option(False, "pivotal tuning: the trigger word becomes new tokens (<s0><s1>...) whose "
                                   "embeddings train beside the LoRA, in every text encoder")
     pivotal_word: str | None = option(None, "with pivotal: the word of the prompts the new tokens replace (default: "
@@ -380,8 +393,10 @@ class ExportConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    max_steps: int = option(500, "optimizer steps to train")
-    learning_rate: float = option(1e-4, "peak learning rate")
+    max_steps: int | None = option(None, "optimizer steps to train (unset: 100 per photo at batch 1, from the "
+                                         "photo count; README, Defaults that fit the photos)")
+    learning_rate: float | None = option(None, "peak learning rate (unset: 1e-4 for lora/dora, 2e-4 for loha/lokr; "
+                                               "README, Defaults that fit the photos)")
     scale_lr: Literal["none", "linear", "sqrt"] = option(
         "none", "scale learning_rate by samples per step (batch_size x processes x gradient_accumulation): "
                 "none, linear or sqrt")
@@ -426,12 +441,13 @@ class TrainConfig:
                        "memory there; the same numbers)")
 
     def __post_init__(self):
-        for key in ("max_steps", "batch_size", "gradient_accumulation", "resolution", "log_every", "max_bad_steps"):
+        for key in ("batch_size", "gradient_accumulation", "resolution", "log_every", "max_bad_steps"):
             check(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
+        check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be at least 1")
         for key in ("lr_warmup_steps", "checkpoint_every", "seed"):
             check(getattr(self, key) >= 0, f"train.{key}", "must be 0 or more")
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
-        check(self.learning_rate > 0, "train.learning_rate", "must be positive")
+        check(self.learning_rate is None or self.learning_rate > 0, "train.learning_rate", "must be positive")
         check(self.weight_decay >= 0, "train.weight_decay", "must be 0 or more")
         check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 (no clipping) or positive")
         check(self.resolution % 8 == 0, "train.resolution", "must be a multiple of 8")

@@ -1,4 +1,4 @@
-"""Where LoRA goes, injected through peft's own API.
+"""Where LoRA goes (and its variants DoRA, LoHa, LoKr: `lora.type`), injected through peft's own API.
 
 transformers' and diffusers' adapter integrations (`add_adapter`, `enable_adapters`, `disable_adapters`) gate on
 the installed peft version and have refused working peft releases (transformers 5.24 wants peft >= 0.22, which
@@ -11,8 +11,9 @@ import contextlib
 import weakref
 
 import torch
+from peft import LoHaConfig, LoKrConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .config import LoraConfig
@@ -28,16 +29,37 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 # The peft config each injected model was given, kept here rather than read back from an attribute that an
 # integration may rename: rank, alpha and targets for metadata and imports.
-_CONFIGS: weakref.WeakKeyDictionary[torch.nn.Module, PeftLoraConfig] = weakref.WeakKeyDictionary()
+_CONFIGS: weakref.WeakKeyDictionary[torch.nn.Module, PeftConfig] = weakref.WeakKeyDictionary()
 
 
-def peft_config(lora: LoraConfig, targets) -> PeftLoraConfig:
-    # init_lora_weights="gaussian" starts the up-projection at zero: training begins exactly at the base model.
-    return PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          init_lora_weights="gaussian", target_modules=targets)
+def peft_config(lora: LoraConfig, targets) -> PeftConfig:
+    """peft's config for lora.type. Each starts exactly at the base model: LoRA's and DoRA's up-projection at zero
+    (init_lora_weights="gaussian"; DoRA's magnitude at the base weight's row norms), LoHa's hada_w2_b and LoKr's
+    lokr_w1 at zero (peft's default init). LoHa and LoKr have no dropout on the branch; lora.dropout is their
+    rank_dropout (a random subset of the rank's components dropped per step)."""
+    if lora.type in ("lora", "dora"):
+        return PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              init_lora_weights="gaussian", target_modules=targets, use_dora=lora.type == "dora")
+    kinds: dict[str, type[LoHaConfig] | type[LoKrConfig]] = {"loha": LoHaConfig, "lokr": LoKrConfig}
+    return kinds[lora.type](r=lora.rank, alpha=lora.alpha, rank_dropout=lora.dropout, target_modules=targets)
 
 
-def inject_lora(model: torch.nn.Module, config: PeftLoraConfig) -> None:
+def adapter_type(config: PeftConfig) -> str:
+    """lora, dora, loha or lokr: the lora.type a peft config was made from."""
+    if isinstance(config, LoHaConfig):
+        return "loha"
+    if isinstance(config, LoKrConfig):
+        return "lokr"
+    return "dora" if getattr(config, "use_dora", False) else "lora"
+
+
+def rank_and_alpha(config: PeftConfig) -> tuple[int, float]:
+    """(rank, alpha) of any of the four configs (LoRA's names its alpha lora_alpha, LoHa's and LoKr's alpha)."""
+    alpha = config.lora_alpha if isinstance(config, PeftLoraConfig) else config.alpha
+    return int(config.r), float(alpha)
+
+
+def inject_lora(model: torch.nn.Module, config: PeftConfig) -> None:
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     _CONFIGS[model] = config
 
@@ -50,7 +72,7 @@ def add_text_encoder_lora(text_encoder, lora: LoraConfig) -> None:
     inject_lora(text_encoder, peft_config(lora, TEXT_ENCODER_TARGETS))
 
 
-def lora_config(model: torch.nn.Module) -> PeftLoraConfig:
+def lora_config(model: torch.nn.Module) -> PeftConfig:
     """The peft config `model` was injected with (by add_unet_lora / add_text_encoder_lora)."""
     try:
         return _CONFIGS[model]
@@ -98,7 +120,7 @@ PORTABLE_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "use_dora", "lora_b
 
 
 def adapter_metadata(model) -> dict:
-    """The model's LoRA config as diffusers stores it in a file, so rank and alpha reload exactly."""
+    """The model's LoRA (or DoRA) config as diffusers stores it in a file, so rank and alpha reload exactly."""
     config = lora_config(model).to_dict()
     metadata = {key: config[key] for key in PORTABLE_CONFIG_KEYS if key in config}
     if isinstance(metadata.get("target_modules"), (set, tuple)):

@@ -130,7 +130,11 @@ def estimate(arch: Architecture, train, model, lora, prior, samples_per_step: in
     per_sample = without if not train.gradient_checkpointing else (
         quantized_checkpointing if model.quantize_unet != "none" else with_checkpointing)
     activations = per_sample * (train.resolution / reference_px) ** 2 * samples_per_step * MIB
-    lora_params = sum(lora.rank * (i + o) for i, o in arch.target_linear_shapes)
+    # Per adapted layer: LoRA r(i + o); DoRA adds a magnitude per output; LoHa holds two such pairs; LoKr's factors
+    # are smaller than LoRA's pair, which stays an upper bound for it.
+    pairs = 2 if lora.type == "loha" else 1
+    lora_params = sum(pairs * lora.rank * (i + o) + (o if lora.type == "dora" else 0)
+                      for i, o in arch.target_linear_shapes)
     lora_total = lora_params * (FP32 + FP32 + (2 if train.optimizer == "adamw8bit" else 8))  # weights, grads, state
     encoders_resident = lora.text_encoder or not train.cache_text_embeddings
     phases["training"] = unet + lora_total + activations + (encoders if encoders_resident else 0)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import DreamBoothConfig
+from finetune.config import DreamBoothConfig, resolved
 from finetune.evaluation.during_training import validation_scorer
 from finetune.export.lora_weights import load_into_models, read_lora
 from finetune.family import require_family
@@ -119,4 +119,4 @@ def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
     summary = {**result.summary, "cuda_graphs": unet_call.use_graphs}
     final = finish_run(cfg, run, exporter, checkpointer, validator, summary, result.skipped)
     encoders = [training.lora_models.get(name, module) for name, module in kind.text_encoders(pipe).items()]
-    return Result(training.lora_models["unet"], encoders, final, cfg.train.max_steps)
+    return Result(training.lora_models["unet"], encoders, final, resolved(cfg.train.max_steps, "train.max_steps"))

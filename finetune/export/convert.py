@@ -9,13 +9,21 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from ..config import ModelConfig
 from ..errors import FinetuneError
 from ..family import decide, model_facts
-from .diffusers_format import METADATA_PREFIX, WEIGHT_NAME, save_diffusers_layers
+from .adapters import NAMES
+from .diffusers_format import METADATA_PREFIX, WEIGHT_NAME, magnitude_named_for_text_encoders, save_diffusers_layers
 from .embeddings import TokenEmbeddings, bundle_tensors, embeddings_for, save_embeddings
 from .kohya import save_kohya_lora
 from .lora_weights import LoraWeights, read_lora
 from .metadata import kohya_metadata
 
 FORMATS = ("kohya", "diffusers")
+DIFFUSERS_KINDS = ("lora", "dora")  # what diffusers' load_lora_weights reads (its loaders know no LoHa or LoKr)
+
+
+def not_for_diffusers(kind: str, where) -> str:
+    """The one line for a LoHa/LoKr LoRA asked of diffusers."""
+    return (f"{where}: diffusers' load_lora_weights does not read {NAMES[kind]} (it raises on the keys); write "
+            f"--format kohya for ComfyUI/A1111/Forge, which read it, or keep finetune's file for lora.init_from")
 
 
 def export_kohya(weights: LoraWeights, path: str | Path, info: dict, precision: str = "fp16",
@@ -24,19 +32,24 @@ def export_kohya(weights: LoraWeights, path: str | Path, info: dict, precision: 
     (pivotal tuning's) go in as sd-scripts' bundled embeddings, in fp32 like the alphas."""
     part = "unet" if "unet" in weights.layers else next(iter(weights.layers))
     has_text_encoder = any(name != "unet" for name in weights.layers)
-    metadata = kohya_metadata(info, weights.rank(part), weights.alpha[part], has_text_encoder)
+    metadata = kohya_metadata(info, weights.rank(part), weights.alpha[part], has_text_encoder, weights.kind)
     metadata.update({METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
     return save_kohya_lora(path, weights, metadata, precision, bundle_tensors(embeddings) if embeddings else None)
 
 
 def export_diffusers(weights: LoraWeights, path: str | Path, info: dict) -> Path:
     """A diffusers file from any LoraWeights (for a LoRA trained here, save_diffusers_lora writes it directly)."""
+    if weights.kind not in DIFFUSERS_KINDS:
+        raise FinetuneError(not_for_diffusers(weights.kind, path))
     if weights.family is None:
         raise FinetuneError(f"{path}: the LoRA's model family is not known; give --base MODEL")
-    layers = {name: convert_state_dict_to_diffusers(part) for name, part in weights.layers.items()}
+    layers = {name: magnitude_named_for_text_encoders(name, convert_state_dict_to_diffusers(part))
+              for name, part in weights.layers.items()}
     adapters = {name: {"r": weights.rank(name), "lora_alpha": weights.alpha[name],
-                       "target_modules": weights.modules(name), "use_dora": False, "lora_bias": False}
+                       "target_modules": weights.modules(name), "use_dora": weights.kind == "dora",
+                       "lora_bias": False}
                 for name in weights.layers}
+    info = {**info, "type": weights.kind}
     return save_diffusers_layers(path, weights.family.pipeline_class(), layers, adapters, info)
 
 

@@ -6,6 +6,7 @@ One key per module and tensor: `lora_unet_<module path with _>` for the U-Net, `
 paths keep diffusers' block names (down_blocks_1_attentions_0_...), as sd-scripts writes them for SD 1.x/2.x;
 A1111's and ComfyUI's loaders map them to the original layout, for SDXL as well.
 
+DoRA, LoHa and LoKr modules use LyCORIS' part names instead of lora_down/lora_up (export/adapters.py).
 This module writes the format; reading (ours and other trainers' files) is lora_weights.read_lora's, through
 diffusers' own converter. We keep our own writer because diffusers' (`convert_state_dict_to_kohya`) stores
 alpha = rank, which changes the LoRA's strength in the UIs whenever alpha != rank.
@@ -18,7 +19,8 @@ import torch
 
 from ..errors import FinetuneError
 from ..storage import save_safetensors_atomically
-from .lora_weights import LoraWeights
+from .adapters import to_kohya_parts
+from .lora_weights import LoraWeights, module_parts
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -35,14 +37,15 @@ def kohya_name(component: str, module: str, sdxl: bool) -> str:
 
 
 def peft_to_kohya(weights: LoraWeights, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """Key names, dtypes and per-module alpha of the kohya format."""
+    """Key names, dtypes and per-module alpha of the kohya format (LyCORIS' part names for DoRA, LoHa, LoKr)."""
     out = {}
     for component, layers in weights.layers.items():
         alpha = torch.tensor(float(weights.alpha[component]), dtype=torch.float32)  # fp32: the exact alpha
-        for module in weights.modules(component):
+        rank = weights.rank(component)
+        for module, parts in module_parts(layers).items():
             name = kohya_name(component, module, weights.is_sdxl)
-            out[f"{name}.lora_down.weight"] = layers[f"{module}.lora_A.weight"].to(dtype).contiguous()
-            out[f"{name}.lora_up.weight"] = layers[f"{module}.lora_B.weight"].to(dtype).contiguous()
+            for part, value in to_kohya_parts(weights.kind, parts, rank, float(alpha)).items():
+                out[f"{name}.{part}"] = value.to(dtype).contiguous()
             out[f"{name}.alpha"] = alpha.clone()
     return out
 

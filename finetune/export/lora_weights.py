@@ -1,11 +1,14 @@
 """LoRA weights of a pipeline, read from any common file layout, held in peft's key format per component.
 
-One in-memory shape (component -> {module.lora_A.weight: tensor}, plus alpha) sits between the file layouts, so
-converting, continuing training, generating and fusing all read files the same way. Layouts read:
+One in-memory shape (component -> {module.lora_A.weight: tensor, ...}, plus alpha and the adapter type: LoRA, DoRA,
+LoHa or LoKr, whose tensors export/adapters.py names) sits between the file layouts, so converting, continuing
+training, generating and fusing all read files the same way. Layouts read:
 - diffusers files (`unet.` / `text_encoder.` / `text_encoder_2.` keys): ours, and the diffusers example scripts'
-  (peft's lora_A/lora_B, or the older lora.down / lora_linear_layer / attention-processor spellings);
+  (peft's lora_A/lora_B, or the older lora.down / lora_linear_layer / attention-processor spellings), DoRA's
+  lora_magnitude_vector too; finetune's LoHa/LoKr files hold peft's own keys under the same prefixes;
 - kohya files (`lora_unet_` / `lora_te_` / `lora_te1_` / `lora_te2_`): ours and sd-scripts', with diffusers-style
-  U-Net names (SD 1.x/2.x) or the original layout's (input_blocks_4_1_..., as sd-scripts writes SDXL LoRAs).
+  U-Net names (SD 1.x/2.x) or the original layout's (input_blocks_4_1_..., as sd-scripts writes SDXL LoRAs), and
+  LyCORIS' DoRA (dora_scale), LoHa (hada_*) and LoKr (lokr_*) modules.
 Kohya names are converted by diffusers' own reader (`lora_state_dict`), one module at a time, so that a key it
 cannot place is named in the error instead of being dropped: a file is read whole or not at all.
 """
@@ -26,7 +29,17 @@ from safetensors.torch import load_file
 
 from ..errors import FinetuneError
 from ..family import Family, family_of_lora
-from ..lora import load_lora_state, lora_config, lora_state
+from ..lora import adapter_type, load_lora_state, lora_config, lora_state, rank_and_alpha
+from .adapters import KOHYA_PARTS as ADAPTER_PARTS
+from .adapters import (
+    NAMES,
+    from_kohya_parts,
+    kind_of_parts,
+    module_in_features,
+    module_rank,
+    split_key,
+    unscale_full_lokr,
+)
 from .diffusers_format import WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
 from .diffusers_format import read_header
 from .embeddings import split_bundled
@@ -35,7 +48,6 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 ORIGINAL_LAYOUT = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
-LYCORIS = {".hada_": "LoHa", ".lokr_": "LoKr"}  # key pieces of LyCORIS' other decompositions
 # The module paths a LoRA layer can sit on: U-Net attention, feed-forward, resnet and embedding layers, and CLIP's
 # attention and MLP projections. A converted name outside these is a key that was not understood.
 UNET_MODULE = re.compile(
@@ -54,22 +66,49 @@ class LoraWeights:
     header: dict[str, str]                       # the file's safetensors metadata
     source_format: str                           # "diffusers" or "kohya"
     family: Family | None = None                 # the base model's family, where known (finetune.family resolves it)
+    kind: str = "lora"                           # lora, dora, loha or lokr (lora.type)
+    ranks: dict[str, int] = dataclasses.field(default_factory=dict)  # where the tensors cannot show it (below)
 
     def rank(self, component: str) -> int:
-        ranks = {v.shape[0] for k, v in self.layers[component].items() if k.endswith("lora_A.weight")}
+        shown = (module_rank(self.kind, part) for part in module_parts(self.layers[component]).values())
+        ranks = {rank for rank in shown if rank is not None}
+        if not ranks and component in self.ranks:  # LoKr with every lokr_w2 full shows no rank: the config's
+            return self.ranks[component]
+        if not ranks:
+            raise FinetuneError(f"{component}: no layer shows the LoKr rank (every lokr_w2 is full) and the file does "
+                                "not state it; finetune needs it to read the file")
         if len(ranks) != 1:
-            raise FinetuneError(f"{component}: LoRA layers have different ranks {sorted(ranks)}; finetune handles "
-                                "one rank per model part")
+            raise FinetuneError(f"{component}: {NAMES[self.kind]} layers have different ranks {sorted(ranks)}; "
+                                "finetune handles one rank per model part")
         return ranks.pop()
 
     def modules(self, component: str) -> list[str]:
-        return sorted(k[:-len(".lora_A.weight")] for k in self.layers[component] if k.endswith(".lora_A.weight"))
+        return sorted(module_parts(self.layers[component]))
 
     @property
     def is_sdxl(self) -> bool:
         """For naming text-encoder layers (lora_te1_/lora_te2_): SDXL's family, or a second encoder's layers (a
         LoRA without text-encoder layers names none, so the family does not matter there)."""
         return self.family.is_sdxl if self.family else "text_encoder_2" in self.layers
+
+
+def module_parts(layers: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {part: tensor}} of one component's peft state dict (export/adapters.py names the parts)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in layers.items():
+        split = split_key(key)
+        if split:
+            modules.setdefault(split[0], {})[split[1]] = value
+    return modules
+
+
+def layers_kind(path, layers: dict[str, dict]) -> str:
+    """The one adapter type every module of every component makes up (a file mixing them is refused)."""
+    kinds = {kind_of_parts(set(parts)) for part in layers.values() for parts in module_parts(part).values()}
+    if None in kinds or len(kinds) != 1:
+        raise FinetuneError(f"{path}: its modules are of {len(kinds)} adapter types or incomplete; finetune reads "
+                            "files of one type (LoRA, DoRA, LoHa or LoKr) with every tensor of each module")
+    return str(kinds.pop())
 
 
 def lora_file(path: str | Path) -> Path:
@@ -94,11 +133,6 @@ def read_lora(path: str | Path, unet_config=None, family: Family | None = None) 
     except (SafetensorError, OSError) as exc:
         raise FinetuneError(f"{path}: not a readable .safetensors file ({exc})") from None
     tensors, _ = split_bundled(tensors)  # pivotal tuning's bundled embeddings: export.embeddings reads those
-    for piece, kind in LYCORIS.items():
-        if any(piece in key for key in tensors):
-            example = next(key for key in tensors if piece in key)
-            raise FinetuneError(f"{path}: a LyCORIS {kind} file (e.g. {example}); finetune reads plain LoRA files "
-                                "only (diffusers' load_lora_weights reads some LyCORIS files directly)")
     if any(key.startswith(KOHYA_PREFIXES) for key in tensors):
         (layers, alpha), source_format = _from_kohya(tensors, path, unet_config), "kohya"
     elif any(key.split(".", 1)[0] in COMPONENTS for key in tensors):
@@ -106,15 +140,32 @@ def read_lora(path: str | Path, unet_config=None, family: Family | None = None) 
     else:
         raise FinetuneError(f"{path}: neither a diffusers LoRA (unet./text_encoder. keys) nor a kohya LoRA "
                             f"(lora_unet_/lora_te_ keys); its keys start {', '.join(sorted(tensors)[:3])}")
-    weights = LoraWeights(layers, alpha, header, source_format)
+    kind = layers_kind(path, layers)
+    weights = LoraWeights(layers, alpha, header, source_format, kind=kind, ranks=stated_ranks(header, layers))
     for component in layers:
-        weights.rank(component)  # one rank per part, checked now rather than at first use
-    weights.family = family or family_of_lora(layers, header)
+        rank = weights.rank(component)  # one rank per part, checked now rather than at first use
+        if kind == "lokr" and source_format == "kohya":
+            layers[component] = unscale_full_lokr(layers[component], rank, alpha[component])
+    weights.family = family or family_of_lora(width_view(kind, layers), header)
     return weights
 
 
+def stated_ranks(header: dict, layers: dict) -> dict[str, int]:
+    """The ranks a file's header states: diffusers' adapter metadata (`unet.r`), else finetune's own `rank`."""
+    adapter = json.loads(header.get("lora_adapter_metadata", "{}"))
+    ours = header.get("finetune.rank")
+    return {c: int(adapter.get(f"{c}.r", json.loads(ours) if ours else 0)) for c in layers
+            if f"{c}.r" in adapter or ours}
+
+
+def width_view(kind: str, layers: dict[str, dict]) -> dict[str, dict]:
+    """Each module's input width as a stand-in lora_A of that width: what family_of_lora reads, for every type."""
+    return {component: {f"{module}.lora_A.weight": torch.empty(0, module_in_features(kind, parts))
+                        for module, parts in module_parts(part).items()} for component, part in layers.items()}
+
+
 def _from_kohya(tensors: dict, path: Path, unet_config) -> tuple[dict, dict]:
-    unknown = [k for k in tensors if not k.startswith(KOHYA_PREFIXES) or k.partition(".")[2] not in KOHYA_PARTS]
+    unknown = [k for k in tensors if not k.startswith(KOHYA_PREFIXES) or k.partition(".")[2] not in ADAPTER_PARTS]
     if unknown:
         raise not_understood(path, unknown)
     if unet_config is None and any(ORIGINAL_LAYOUT.match(k) for k in tensors):
@@ -130,7 +181,10 @@ def _from_kohya(tensors: dict, path: Path, unet_config) -> tuple[dict, dict]:
     alphas: dict[str, dict[str, float]] = {}
     failed: list[str] = []
     for _, group in sorted(groups.items()):
-        converted = _convert_kohya_module(group, unet_config)
+        try:
+            converted = _convert_kohya_module(group, unet_config)
+        except FinetuneError as exc:  # a module's parts of no type finetune reads: name the file too
+            raise FinetuneError(f"{path}: {exc}; nothing was imported") from None
         if converted is None:
             failed += sorted(group)
             continue
@@ -146,7 +200,20 @@ def _from_kohya(tensors: dict, path: Path, unet_config) -> tuple[dict, dict]:
 
 def _convert_kohya_module(group: dict, unet_config):
     """(component, module, peft weights, alpha or None) for one kohya module's tensors, through diffusers' reader;
-    None when diffusers cannot place it or places it outside the layers a LoRA sits on."""
+    None when diffusers cannot place it or places it outside the layers a LoRA sits on. DoRA, LoHa and LoKr
+    modules (which diffusers' SD readers drop or refuse) are placed by their name alone: diffusers converts a
+    stand-in LoRA pair of that name, and the module's own tensors go under the name it finds."""
+    name = next(iter(group)).partition(".")[0]
+    parts = {k.partition(".")[2]: v for k, v in group.items()}
+    if set(parts) - set(KOHYA_PARTS):  # LyCORIS' parts: DoRA's dora_scale, LoHa's hada_*, LoKr's lokr_*
+        kind, peft_parts = from_kohya_parts(parts, name)
+        probe = {f"{name}.lora_down.weight": torch.zeros(1, 1), f"{name}.lora_up.weight": torch.zeros(1, 1),
+                 **({f"{name}.alpha": parts["alpha"]} if "alpha" in parts else {})}
+        placed = _convert_kohya_module(probe, unet_config)
+        if placed is None:
+            return None
+        component, module, _, alpha = placed
+        return component, module, {f"{module}.{part}": v.float() for part, v in peft_parts.items()}, alpha
     try:
         state, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(group), unet_config=unet_config)
     except (ValueError, KeyError, IndexError):
@@ -169,8 +236,9 @@ def _to_peft(component: str, part: dict) -> dict:
     text encoder's attention and MLP layers come out of its kohya reader spelled differently."""
     out = {}
     for key, value in part.items():
-        if ".lora_A." in key or ".lora_B." in key:
-            out[key] = value
+        key = key.removesuffix(".weight") if key.endswith("lora_magnitude_vector.weight") else key
+        if ".lora_A." in key or ".lora_B." in key or (split_key(key) and not key.endswith(".weight")):
+            out[key] = value  # peft's names already (DoRA's magnitude, LoHa's and LoKr's tensors)
         elif component == "unet" or not ("_lora." in key or "lora_linear_layer" in key):
             out.update(convert_unet_state_dict_to_peft({key: value}))  # also maps .lora.down -> .lora_A
         else:
@@ -198,7 +266,9 @@ def _one_alpha(path: Path, component: str, layers: dict, alphas: dict) -> float:
                             "one alpha per model part")
     if found:
         return float(found.pop())
-    return float(next(v.shape[0] for k, v in layers.items() if k.endswith("lora_A.weight")))  # no alpha: = rank
+    parts = module_parts(layers)  # no alpha: = rank, as diffusers and the UIs read it
+    ranks = [module_rank(kind_of_parts(set(p)) or "lora", p) for p in parts.values()]
+    return float(next((r for r in ranks if r is not None), 1))
 
 
 def _from_diffusers(tensors: dict, header: dict, path: Path) -> tuple[dict, dict]:
@@ -213,8 +283,7 @@ def _from_diffusers(tensors: dict, header: dict, path: Path) -> tuple[dict, dict
             continue
         peft = _to_peft(component, part)
         pattern = UNET_MODULE if component == "unet" else TEXT_MODULE
-        wrong = [k for k in peft if not re.fullmatch(r"(.+)\.lora_[AB]\.weight", k)
-                 or not pattern.fullmatch(k.rsplit(".lora_", 1)[0])]
+        wrong = [k for k in peft if not split_key(k) or not pattern.fullmatch(split_key(k)[0])]  # type: ignore[index]
         if wrong or len(peft) != len(part):
             failed += [f"{component}.{k}" for k in (wrong or part)]
         layers[component] = peft
@@ -228,15 +297,17 @@ def _from_diffusers(tensors: dict, header: dict, path: Path) -> tuple[dict, dict
 
 def not_understood(path: Path, keys: list[str]) -> FinetuneError:
     return FinetuneError(f"{path}: {len(keys)} key(s) are not LoRA layers finetune understands, e.g. "
-                         f"{', '.join(sorted(keys)[:3])}; nothing was imported (LoCon/DoRA/LyCORIS files are not "
-                         "supported)")
+                         f"{', '.join(sorted(keys)[:3])}; nothing was imported (finetune reads LoRA, DoRA, LoHa and "
+                         "LoKr on attention, feed-forward and resnet layers)")
 
 
 def weights_from_models(models: dict, family: Family | None = None) -> LoraWeights:
     """The LoRA weights of peft-injected models, e.g. {'unet': unet, 'text_encoder': text_encoder}."""
+    kinds = {adapter_type(lora_config(model)) for model in models.values()}
     return LoraWeights({name: canonical(name, lora_state(model)) for name, model in models.items()},
-                       {name: float(lora_config(model).lora_alpha) for name, model in models.items()},
-                       {}, "diffusers", family)
+                       {name: rank_and_alpha(lora_config(model))[1] for name, model in models.items()},
+                       {}, "diffusers", family, kinds.pop(),
+                       {name: rank_and_alpha(lora_config(model))[0] for name, model in models.items()})
 
 
 def load_into_models(weights: LoraWeights, models: dict, path: str | Path) -> None:
@@ -247,25 +318,30 @@ def load_into_models(weights: LoraWeights, models: dict, path: str | Path) -> No
                             f"{', '.join(wants)}; set lora.text_encoder to match the file")
     for name, model in models.items():
         config = lora_config(model)
-        if weights.rank(name) != config.r:
+        rank, alpha = rank_and_alpha(config)
+        if weights.kind != adapter_type(config):
+            raise FinetuneError(f"lora.init_from: {path} is a {NAMES[weights.kind]} file; set "
+                                f"lora.type={weights.kind}")
+        if weights.rank(name) != rank:
             raise FinetuneError(f"lora.init_from: {path} has rank {weights.rank(name)} on {name}; set "
                                 f"lora.rank={weights.rank(name)}")
-        if abs(weights.alpha[name] - config.lora_alpha) > 1e-6:
+        if abs(weights.alpha[name] - alpha) > 1e-6:
             raise FinetuneError(f"lora.init_from: {path} has alpha {weights.alpha[name]:g} on {name}; set "
                                 f"lora.alpha={weights.alpha[name]:g}")
         state = lora_state(model)
         ours = canonical(name, state)
-        modules = sorted(k[:-len(".lora_A.weight")] for k in ours if k.endswith(".lora_A.weight"))
+        modules = sorted(module_parts(ours))
         if modules != weights.modules(name):
             theirs = set(weights.modules(name))
             extra = sorted(theirs - set(modules)) or sorted(set(modules) - theirs)
             raise FinetuneError(f"lora.init_from: {path} puts LoRA on other {name} layers than lora.unet_targets "
                                 f"does (differs at {extra[0]}); choose the preset the file was trained with")
-        wrong = [k for k, v in weights.layers[name].items() if v.shape != ours[k].shape]
+        wrong = [k for k, v in weights.layers[name].items() if k not in ours or v.shape != ours[k].shape]
         if wrong:
             raise FinetuneError(f"lora.init_from: {path} does not fit this model's {name} ({wrong[0]} is "
                                 f"{tuple(weights.layers[name][wrong[0]].shape)}, the model's "
-                                f"{tuple(ours[wrong[0]].shape)}): was it trained on another base model?")
+                                f"{tuple(ours[wrong[0]].shape) if wrong[0] in ours else 'none'}): was it trained on "
+                                "another base model (or, LoKr, with another lora.rank)?")
         bare = not any(k.startswith("text_model.") for k in state)
         load_lora_state(model, {k.removeprefix("text_model.") if bare else k: v
                                 for k, v in weights.layers[name].items()})
@@ -279,16 +355,16 @@ def fit_to_models(weights: LoraWeights, models: dict) -> tuple[LoraWeights, list
     for component, part in weights.layers.items():
         model = models.get(component)
         found = dict(model.named_modules()) if model is not None else {}
-        for module in weights.modules(component):
+        for module, parts in module_parts(part).items():
             target = found.get(module, found.get(module.removeprefix("text_model.")))
-            down, up = part[f"{module}.lora_A.weight"], part[f"{module}.lora_B.weight"]
+            down, up = parts["lora_A.weight"], parts["lora_B.weight"]  # LoRA and DoRA: what diffusers loads
             weight = getattr(target, "weight", None)
             if weight is None or weight.shape[1] != down.shape[1] or weight.shape[0] != up.shape[0]:
                 unfit.append(f"{component}.{module}")
                 continue
-            layers.setdefault(component, {}).update({f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up})
+            layers.setdefault(component, {}).update({f"{module}.{name}": value for name, value in parts.items()})
     fitting = LoraWeights(layers, {c: weights.alpha[c] for c in layers}, weights.header, weights.source_format,
-                          weights.family)
+                          weights.family, weights.kind, weights.ranks)
     return fitting, unfit
 
 

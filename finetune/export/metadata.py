@@ -11,6 +11,7 @@ import json
 from collections import Counter
 
 from ..family import Family
+from .adapters import NAMES
 
 # family name -> (ss_base_model_version, modelspec.architecture prefix, modelspec.implementation)
 FAMILIES = {
@@ -38,7 +39,13 @@ def _value(info: dict, key: str, default=None):
     return value
 
 
-def kohya_metadata(info: dict, rank: int, alpha: float, has_text_encoder: bool) -> dict[str, str]:
+# lora.type -> (ss_network_module, ss_network_args) as sd-scripts records LoRA and LyCORIS' kohya module records the
+# others (lycoris/kohya.py: algo=..., dora_wd for DoRA); the UIs tell the type from the keys, the header informs.
+NETWORKS = {"lora": ("networks.lora", {}), "dora": ("lycoris.kohya", {"algo": "lora", "dora_wd": "True"}),
+            "loha": ("lycoris.kohya", {"algo": "loha"}), "lokr": ("lycoris.kohya", {"algo": "lokr"})}
+
+
+def kohya_metadata(info: dict, rank: int, alpha: float, has_text_encoder: bool, kind: str = "lora") -> dict[str, str]:
     """The header keys; info["family"] is the base model's family name, as finetune.family resolved it."""
     family = Family.from_name(str(_value(info, "family")))
     version, architecture, implementation = FAMILIES[family.name]
@@ -49,10 +56,10 @@ def kohya_metadata(info: dict, rank: int, alpha: float, has_text_encoder: bool) 
     title = str(_value(info, "title", "") or "finetune LoRA")
     steps = _value(info, "steps")
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": NETWORKS[kind][0],
         "ss_network_dim": str(rank),
         "ss_network_alpha": _number(alpha),
-        "ss_network_args": json.dumps({}),
+        "ss_network_args": json.dumps(NETWORKS[kind][1]),
         "ss_base_model_version": version,
         "ss_v2": str(family.base == "sd2"),
         "ss_v_parameterization": str(v),
@@ -78,7 +85,8 @@ def kohya_metadata(info: dict, rank: int, alpha: float, has_text_encoder: bool) 
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": "v" if v else "epsilon",
         "modelspec.trigger_phrase": trigger,
-        "modelspec.description": f"LoRA (rank {rank}, alpha {_number(alpha)}) on {_value(info, 'base_model', '')}",
+        "modelspec.description": f"{NAMES[kind]} (rank {rank}, alpha {_number(alpha)}) on "
+                                 f"{_value(info, 'base_model', '')}",
     }
     return meta
 

@@ -6,9 +6,10 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..family import Family
+from .adapters import NAMES
 from .embeddings import EMBEDDINGS_NAME, rewrite_prompt, token_names
 
-SETTINGS = ("base_model", "family", "rank", "alpha", "unet_targets", "text_encoder", "steps", "epochs",
+SETTINGS = ("base_model", "family", "type", "rank", "alpha", "unet_targets", "text_encoder", "steps", "epochs",
             "learning_rate", "batch_size", "resolution", "prediction_type", "num_train_images", "num_class_images",
             "seed", "ema_decay")
 
@@ -37,16 +38,22 @@ def write_model_card(folder: str | Path, info: dict, license: str | None, kohya_
         lines += ["## Samples", "", f"![samples]({grid})", ""]
     lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {key} | {info[key]} |" for key in SETTINGS if key in info]
+    kind = str(info.get("type", "lora"))
     word = info.get("pivotal_word")
     tokens = token_names(int(info.get("pivotal_tokens", 0))) if word else []
     prompt = rewrite_prompt(str(header.instance_prompt), str(word), "".join(tokens)) if word else \
         header.instance_prompt
-    lines += ["", "## Use it in diffusers", "", "```python", "import torch",
-              f"from diffusers import {pipeline}", "",
-              f"pipe = {pipeline}.from_pretrained(\"{header.base_model}\", dtype=torch.float16).to(\"cuda\")",
-              "pipe.load_lora_weights(\"path/to/this/folder\")  # pytorch_lora_weights.safetensors",
-              *(embedding_lines(tokens, sdxl) if word else []),
-              f"image = pipe(\"{prompt}\").images[0]", "```", ""]
+    if kind in ("loha", "lokr"):  # diffusers' loaders know neither: say so rather than show code that fails
+        lines += ["", "## Use it", "", f"diffusers' `load_lora_weights` does not read {NAMES[kind]}; "
+                  "`pytorch_lora_weights.safetensors` is finetune's file (for `lora.init_from` and `finetune "
+                  "export`). Use the kohya file in a UI that reads LyCORIS files.", ""]
+    else:
+        lines += ["", "## Use it in diffusers", "", "```python", "import torch",
+                  f"from diffusers import {pipeline}", "",
+                  f"pipe = {pipeline}.from_pretrained(\"{header.base_model}\", dtype=torch.float16).to(\"cuda\")",
+                  "pipe.load_lora_weights(\"path/to/this/folder\")  # pytorch_lora_weights.safetensors",
+                  *(embedding_lines(tokens, sdxl) if word else []),
+                  f"image = pipe(\"{prompt}\").images[0]", "```", ""]
     if kohya_file:
         name = Path(kohya_file).stem
         lines += ["## Use it in AUTOMATIC1111, Forge or ComfyUI", "",

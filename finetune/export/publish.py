@@ -7,6 +7,7 @@ from pathlib import Path
 from ..config import ExportConfig
 from ..family import Family
 from ..run_files import BEFORE_AFTER, SAMPLES
+from .adapters import kohya_note
 from .convert import export_kohya
 from .diffusers_format import WEIGHT_NAME
 from .embeddings import EMBEDDINGS_NAME, UI_FOLDER, TokenEmbeddings
@@ -42,8 +43,11 @@ def publish(output_dir: str | Path, export: ExportConfig, models: dict, info: di
     if export.kohya:
         kohya_file = kohya_file_name(output_dir)
         bundled = embeddings if export.bundle_embeddings else None
-        written.append(export_kohya(weights_from_models(models, Family.from_name(info["family"])),
-                                    output_dir / kohya_file, info, export.kohya_precision, bundled))
+        weights = weights_from_models(models, Family.from_name(info["family"]))
+        written.append(export_kohya(weights, output_dir / kohya_file, info, export.kohya_precision, bundled))
+        note = kohya_note(weights.kind, written[-1])
+        if note:
+            log.info("notice: %s", note)
         if bundled is not None:
             log.info("notice: %s bundles the %r embeddings (A1111 and ComfyUI read them; diffusers' "
                      "load_lora_weights refuses the file: there, load %s and %s, or set "

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from ..config import DataConfig, PriorConfig, TrainConfig
+from ..config import DataConfig, PriorConfig, TrainConfig, resolved
 from ..console import plural
 from ..data.class_images import generate_class_images, generation_dtype, missing_class_indices
 from ..data.class_sizes import notice_other_sizes
@@ -134,7 +134,8 @@ def scaled_learning_rate(train: TrainConfig, num_processes: int) -> float:
     """train.learning_rate under train.scale_lr: none (as given), linear (x samples per step, as diffusers'
     --scale_lr) or sqrt (x its square root, gentler for Adam)."""
     factor = samples_per_step(train, num_processes)
-    return train.learning_rate * {"none": 1.0, "linear": factor, "sqrt": math.sqrt(factor)}[train.scale_lr]
+    scale = {"none": 1.0, "linear": factor, "sqrt": math.sqrt(factor)}[train.scale_lr]
+    return resolved(train.learning_rate, "train.learning_rate") * scale
 
 
 def retarget_learning_rate(optimizer, lr_scheduler, lr: float | list[float]) -> None:

@@ -72,6 +72,9 @@ def start_run(cfg, recipe: str) -> Run:
     phases = PhaseClock(accelerator.device, accelerator.is_main_process)
     set_seed(train.seed)
     checked = validate_run(cfg, accelerator.num_processes, accelerator.is_main_process)  # writes nothing
+    cfg.train = checked.train  # train.max_steps / learning_rate from the photo count where unset
+    if checked.chosen and accelerator.is_main_process:
+        log.info("%s", checked.chosen)
     claim_run(cfg, checked, accelerator.is_main_process)  # lock, leftovers, overwrite: only now
     return Run(accelerator, checked.resume_from, checked.start, checked.seen, checked.instance, checked.photos,
                started, phases)

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from ..console import plural
+from ..export.adapters import diffusers_note
 from ..export.diffusers_format import WEIGHT_NAME, save_diffusers_lora
 from ..export.embeddings import TokenEmbeddings, save_embeddings
 from ..export.metadata import tag_frequency
@@ -28,8 +29,8 @@ def export_info(cfg, pipe, run, steps: int, recipe: str) -> dict:
     seen = steps * cfg.train.batch_size * cfg.train.gradient_accumulation
     instance = run.instance
     info = {"base_model": cfg.model.pretrained, "family": family_of_pipeline(pipe).name,
-            "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "unet_targets": cfg.lora.unet_targets,
-            "text_encoder": cfg.lora.text_encoder, "steps": steps,
+            "type": cfg.lora.type, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+            "unet_targets": cfg.lora.unet_targets, "text_encoder": cfg.lora.text_encoder, "steps": steps,
             "trigger": cfg.data.trigger or cfg.data.instance_prompt, "resolution": cfg.train.resolution,
             "prediction_type": prediction, "recipe": recipe,
             "learning_rate": cfg.train.learning_rate, "batch_size": cfg.train.batch_size,
@@ -90,6 +91,9 @@ def finish_run(cfg, run, exporter: RunExporter, checkpointer, validator, summary
         checkpoint = checkpointer.save(steps)
         if accelerator.is_main_process:
             final = exporter.write(output_dir, steps)
+            note = diffusers_note(cfg.lora.type, final, cfg.export.kohya)
+            if note:
+                log.info("notice: %s", note)
         with exporter.ema.applied():  # train.ema_decay: the grid and the kohya file show the EMA
             grid = validator.before_after(steps)  # before the model card, which shows it
             if accelerator.is_main_process:

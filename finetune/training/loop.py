@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DreamBoothConfig
+from ..config import DreamBoothConfig, resolved
 from .checkpoint import CHECKPOINTS, save_checkpoint
 from .distributed import samples_per_step
 from .dreambooth import Run, Training
@@ -32,7 +32,7 @@ class Checkpointer:
     write_export: Callable[[Path, int], Path]
 
     def due(self, step: int) -> bool:
-        every, last = self.cfg.train.checkpoint_every, self.cfg.train.max_steps
+        every, last = self.cfg.train.checkpoint_every, resolved(self.cfg.train.max_steps, "train.max_steps")
         return bool(every) and step % every == 0 and step < last
 
     def save(self, step: int) -> Path:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from diffusers.optimization import get_scheduler
 
-from ..config import LR_SCHEDULES, TrainConfig
+from ..config import LR_SCHEDULES, TrainConfig, resolved
 from ..errors import ConfigError
 
 log = logging.getLogger("finetune")
@@ -29,8 +29,8 @@ def bitsandbytes_usable(device: torch.device) -> bool:
 
 def build_optimizer(params, train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """8-bit AdamW (bitsandbytes) on CUDA, keeping 8-bit state for small LoRA tensors; else torch AdamW."""
-    kwargs: dict[str, Any] = dict(lr=train.learning_rate, weight_decay=train.weight_decay, betas=(0.9, 0.999),
-                                  eps=1e-8)
+    kwargs: dict[str, Any] = dict(lr=resolved(train.learning_rate, "train.learning_rate"),
+                                  weight_decay=train.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     if train.optimizer == "adamw8bit":
         if bitsandbytes_usable(device):
             import bitsandbytes as bnb

@@ -16,12 +16,15 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from ..config import TrainConfig, resolved
 from ..data.captions import caption_source, warn_long_prompts
 from ..data.class_images import ClassFolderReport, remove_broken_class_images, screen_class_images
 from ..data.dataset import Example, instance_examples
 from ..data.masks import attach_masks
 from ..data.screening import PhotoReport, screen_photos
+from ..defaults import with_defaults
 from ..errors import FinetuneError
+from ..export.adapters import NAMES
 from ..export.diffusers_format import WEIGHT_NAME, finetune_metadata
 from ..export.embeddings import rewrite_prompt
 from ..export.lora_weights import read_lora
@@ -46,6 +49,8 @@ class CheckedRun:
     earlier: list[Path]             # the earlier run's step folders (deleted with train.overwrite=true)
     damaged: list[Path]             # newer checkpoints that cannot be resumed from (moved aside)
     class_images: ClassFolderReport
+    train: TrainConfig              # cfg.train with max_steps and learning_rate filled in where unset
+    chosen: str                     # what was filled in and why (empty when both were given)
 
 
 def validate_run(cfg, num_processes: int = 1, main_process: bool = True) -> CheckedRun:
@@ -60,18 +65,22 @@ def validate_run(cfg, num_processes: int = 1, main_process: bool = True) -> Chec
     resume_from, damaged = find_checkpoint(cfg.output_dir, train.resume)
     start, seen = resume_point(resume_from, samples_per_step(train, num_processes))
     if resume_from is not None:
-        check_resume_settings(resume_from, start, cfg)
+        check_resume_settings(resume_from, cfg)
     if cfg.lora.init_from:
         check_init_lora(cfg.lora, cfg.model)
     instance, photos = screen_photos(instance_examples(data), train.resolution, data.on_bad_image, data.buckets,
                                      data.allow_upscale)
     instance = attach_masks(instance, data)  # data.masks: one per photo, each checked now
+    train, chosen = with_defaults(train, cfg.lora.type, len(instance), num_processes)  # needs the photo count
+    if resume_from is not None and start > resolved(train.max_steps, "train.max_steps"):
+        raise FinetuneError(f"train.resume: {resume_from} is at step {start}, past train.max_steps="
+                            f"{train.max_steps}; raise train.max_steps to train on from it")
     if main_process:
         check_prompt_lengths(instance, cfg)
     if cfg.lora.pivotal:
         check_pivotal_word(instance, cfg)
     class_images = screen_class_images(data.class_dir) if cfg.prior.num_class_images else ClassFolderReport()
-    return CheckedRun(resume_from, start, seen, instance, photos, earlier, damaged, class_images)
+    return CheckedRun(resume_from, start, seen, instance, photos, earlier, damaged, class_images, train, chosen)
 
 
 def claim_run(cfg, checked: CheckedRun, main_process: bool = True) -> None:
@@ -93,19 +102,19 @@ def local_model_family(pretrained: str) -> str | None:
         return None
 
 
-def check_resume_settings(checkpoint: Path, step: int, cfg) -> None:
-    """The checkpoint can go on under this run's settings: not past train.max_steps, the same LoRA shape and
-    targets, a model of the same family (from the export the checkpoint holds)."""
-    if step > cfg.train.max_steps:
-        raise FinetuneError(f"train.resume: {checkpoint} is at step {step}, past train.max_steps="
-                            f"{cfg.train.max_steps}; raise train.max_steps to train on from it")
+def check_resume_settings(checkpoint: Path, cfg) -> None:
+    """The checkpoint can go on under this run's settings: the same adapter type, LoRA shape and targets, a model
+    of the same family (from the export the checkpoint holds). Its step against train.max_steps is checked once
+    the photos are counted (max_steps may follow from them)."""
     header = finetune_metadata(checkpoint / WEIGHT_NAME) if (checkpoint / WEIGHT_NAME).is_file() else {}
     lora = cfg.lora
-    for key, ours in (("rank", lora.rank), ("alpha", lora.alpha), ("unet_targets", lora.unet_targets),
-                      ("text_encoder", lora.text_encoder)):
+    if header:
+        header.setdefault("type", "lora")  # exports from before lora.type were LoRA
+    for key, ours in (("type", lora.type), ("rank", lora.rank), ("alpha", lora.alpha),
+                      ("unet_targets", lora.unet_targets), ("text_encoder", lora.text_encoder)):
         if key not in header:
             continue
-        theirs = header[key] if key == "unet_targets" else json.loads(header[key])
+        theirs = header[key] if key in ("type", "unet_targets") else json.loads(header[key])
         if theirs != ours:
             shown = json.dumps(theirs) if isinstance(theirs, bool) else theirs
             raise FinetuneError(f"train.resume: {checkpoint} was trained with lora.{key}={shown}, this run sets "
@@ -157,12 +166,15 @@ def check_pivotal_word(instance: list[Example], cfg) -> None:
 
 
 def check_init_lora(lora, model) -> None:
-    """lora.init_from is a readable LoRA file whose parts, rank and alpha fit lora.* (its layers are compared
+    """lora.init_from is a readable LoRA file whose type, parts, rank and alpha fit lora.* (its layers are compared
     with the model's once it is loaded); sd-scripts' original-layout SDXL names are read with the base's U-Net
     config."""
     path = lora.init_from
     weights = read_lora(path, model_facts(model).unet_config)
     parts = sorted(weights.layers)
+    if weights.kind != lora.type:
+        raise FinetuneError(f"lora.init_from: {path} is a {NAMES[weights.kind]} file but this run trains "
+                            f"lora.type={lora.type}; set lora.type={weights.kind}")
     if "unet" not in weights.layers or any(name != "unet" for name in parts) != lora.text_encoder:
         wants = "unet and the text encoder" if lora.text_encoder else "unet"
         raise FinetuneError(f"lora.init_from: {path} has LoRA on {', '.join(parts)} but this run trains {wants}; "

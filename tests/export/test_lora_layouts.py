@@ -1,6 +1,7 @@
 """LoRA files from other trainers: each layout, made here from a trained LoRA by renaming its keys, imports to
 exactly the weights of our own file (converting through the CLI, and lora.init_from through the SDXL recipe); a
-file with a key nobody understands, or a LyCORIS file, is refused in one line and nothing is written."""
+file with a key nobody understands, or a module whose parts make up no type finetune reads (LoRA, DoRA, LoHa,
+LoKr: tests/export/test_adapter_types.py), is refused in one line and nothing is written."""
 from __future__ import annotations
 
 import json
@@ -124,7 +125,10 @@ def test_sd_scripts_sdxl_original_layout_converts_and_continues_training_exactly
     ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn3_to_k.lora_down.weight": torch.zeros(2, 32)},
      "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn3_to_k.lora_down.weight"),
     ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.hada_w1_a": torch.zeros(32, 2)},
-     "a LyCORIS LoHa file (e.g. lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.hada_w1_a)"),
+     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k: parts hada_w1_a, lora_down.weight, "
+     "lora_up.weight are no LoRA, DoRA, LoHa or LoKr module finetune reads"),
+    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k.hada_w1_a": torch.zeros(32, 2)},
+     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k: parts hada_w1_a are no LoRA"),
 ])
 def test_a_file_with_a_key_not_understood_is_refused_whole(extra, named, trained_sd1, tiny_sd1, tmp_path, run_cli):
     save_file({**sd_scripts(read_lora(trained_sd1), {"text_encoder": "lora_te_"}), **extra}, tmp_path / "x.safetensors")

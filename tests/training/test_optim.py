@@ -11,7 +11,8 @@ from finetune.training import optim
 def test_cpu_falls_back_to_adamw_with_a_notice(caplog):
     params = [torch.nn.Parameter(torch.zeros(4, 320))]
     with caplog.at_level(logging.WARNING, logger="finetune"):
-        opt = optim.build_optimizer(params, TrainConfig(optimizer="adamw8bit"), torch.device("cpu"))
+        opt = optim.build_optimizer(params, TrainConfig(optimizer="adamw8bit", learning_rate=1e-4),
+                                    torch.device("cpu"))
     assert type(opt) is torch.optim.AdamW
     assert "bitsandbytes 8-bit AdamW needs a CUDA GPU" in caplog.text
 
