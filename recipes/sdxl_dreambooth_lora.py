@@ -24,7 +24,7 @@ class Config(DreamBoothConfig):
     model: ModelConfig = option(ModelConfig(pretrained="stabilityai/stable-diffusion-xl-base-1.0"), "the base model")
     data: DataConfig = option(DataConfig(buckets=True), "subject photos, captions and buckets")
     lora: LoraConfig = option(LoraConfig(), "where LoRA goes (lora.text_encoder: both text encoders) and its size")
-    train: TrainConfig = option(TrainConfig(resolution=1024, max_steps=800), "the optimisation")
+    train: TrainConfig = option(TrainConfig(resolution=1024), "the optimisation")
     output_dir: str = option("runs/sdxl-dreambooth-lora", "checkpoints, TensorBoard logs, samples and the LoRA")
 
 
