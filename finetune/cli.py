@@ -237,7 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true",
                         help="also show the libraries' info messages and the warnings held back as not concerning "
                              "this run")
+    add_config_parsers(sub, common)
+    add_generate_parser(sub, common)
+    add_eval_parser(sub, common)
+    add_export_parser(sub, common)
+    add_tool_parsers(sub, common)
+    return parser
 
+
+def add_config_parsers(sub, common: argparse.ArgumentParser) -> None:
+    """The commands that read a recipe config: train, show-config, plan."""
     train = sub.add_parser("train", parents=[common],
                            help="train with a recipe config: finetune train CONFIG [section.key=value ...]")
     train.add_argument("config", help="YAML config (see recipes/configs/)")
@@ -262,9 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write the estimates to this JSON file (default: none)")
     plan.set_defaults(func=cmd_plan)
 
-    add_generate_parser(sub, common)
-    add_eval_parser(sub, common)
 
+def add_export_parser(sub, common: argparse.ArgumentParser) -> None:
     exp = sub.add_parser("export", parents=[common],
                          help="convert a LoRA between kohya and diffusers formats, or fuse it into its base model")
     exp.add_argument("src", help="LoRA file (either format) or run folder")
@@ -282,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output .safetensors file, or folder (required)")
     exp.set_defaults(func=cmd_export)
 
+
+def add_tool_parsers(sub, common: argparse.ArgumentParser) -> None:
+    """demo and env: the offline demo, and what to paste into a bug report."""
     demo = sub.add_parser("demo", parents=[common], help="offline demo: tiny model, real photos, train, export, "
                                                          "generate")
     demo.add_argument("--out", default="demo-output",
@@ -293,7 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", parents=[common], help="versions, CUDA and bitsandbytes status, known bad "
                                                        "combinations: paste it into bug reports")
     env.set_defaults(func=cmd_env)
-    return parser
 
 
 def add_generate_parser(sub, common: argparse.ArgumentParser) -> None:
