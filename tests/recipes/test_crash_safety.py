@@ -108,6 +108,8 @@ def test_sigint_saves_the_step_in_flight_and_exits_130(tiny_sd1, photos, tmp_pat
 
     monkeypatch.setattr(DreamBoothObjective, "__call__", ctrl_c_during_step_two)
     overrides = tiny_overrides(tiny_sd1, photos, tmp_path, **{"prior.num_class_images": 0})
+    # Python's own handler, or SIG_IGN where the suite runs in a background job (a shell's `cmd &` ignores SIGINT)
+    handler_before = signal.getsignal(signal.SIGINT)
     code, _, err = run_cli("train", SD15, *overrides)
     run = tmp_path / "run"
     assert code == 130, err
@@ -117,7 +119,7 @@ def test_sigint_saves_the_step_in_flight_and_exits_130(tiny_sd1, photos, tmp_pat
     assert " 2/4 [" in bars[-1], bars[-1]  # the bar stopped where the message says, on its own line
     assert [p.name for p in checkpoint_dirs(run)] == ["step-000002"]
     assert not (run / EXPORT).exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI put Python's handler back
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the CLI put back the handler it found
 
 
 @pytest.mark.parametrize("broken", ["finetune.training.checkpoint.save_file",   # the checkpoint's LoRA weights
