@@ -112,7 +112,7 @@ def test_training_lowers_the_instance_denoising_loss(tiny_sd1, photos, tmp_path)
 
     _, cfg = load_recipe_config(SD15, tiny_overrides(tiny_sd1, photos, tmp_path, **{
         "prior.num_class_images": 0, "lora.unet_targets": "all_attention", "lora.rank": 8, "lora.alpha": 8,
-        "train.max_steps": 120, "train.learning_rate": 1e-2, "train.batch_size": 5}))
+        "train.max_steps": 40, "train.learning_rate": 1e-2, "train.batch_size": 5}))  # 0.62x the loss here
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1)
     examples, scheduler = instance_examples(cfg.data), training_scheduler(pipe)
     parts = (pipe.tokenizer, pipe.vae, scheduler, examples, 64)
