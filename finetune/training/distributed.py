@@ -24,7 +24,7 @@ from ..data.class_sizes import notice_other_sizes
 from ..data.dataset import Example, class_examples
 from ..errors import FinetuneError
 from ..lora import lora_state
-from ..models import free_gpu_cache, is_quantized, tile_vae
+from ..models import is_quantized, tile_vae
 from .summary import Phase
 
 log = logging.getLogger("finetune")
@@ -108,8 +108,7 @@ def pipeline_off_gpu(pipe) -> None:
             if is_quantized(module):
                 pipe.register_modules(**{name: None})
             else:
-                module.to("cpu")
-    free_gpu_cache()
+                module.to("cpu")  # the class-image phase's end hands the cached memory back
 
 
 def report_class_images(accelerator: Accelerator, folder: str | Path, wanted: int, share: list[int]) -> None:

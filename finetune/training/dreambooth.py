@@ -117,8 +117,7 @@ def encode_latents(vae, examples: list[Example], plans: list[BatchPlan], cfg, ru
     latents = LatentSource(vae, examples, cfg.train.resolution, cache, cfg.data.random_flip, run.device,
                            keys=cache_keys(plans))
     if cache:
-        vae.to("cpu")  # done with it: free the GPU memory
-        free_gpu_cache()
+        vae.to("cpu")  # done with it (the phase's end hands its cached memory back)
         phase.add(f"{plural(len(latents.cache), 'image')} encoded")
     else:
         phase.add("images encoded at each step (train.cache_latents=false or data.center_crop=false)")

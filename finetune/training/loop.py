@@ -59,8 +59,6 @@ def train_loop(cfg, run: Run, training: Training, plans: list, objective, checkp
     stop = graceful_stop(accelerator)  # SIGINT/SIGTERM: finish the step, save, exit
     # Updated by hand once a step is done, so a message after step N (a stop, an error) finds the bar at N.
     bar = tqdm(initial=run.start, total=train.max_steps, desc="training", disable=not accelerator.is_local_main_process)
-    if accelerator.device.type == "cuda":
-        torch.cuda.empty_cache()  # hand back what encoding used: a smaller card needs it for the U-Net
     setup_seconds = time.perf_counter() - run.started
     clock = StepClock(accelerator.device, train.max_steps - run.start)
     trained = list(training.models.values())
