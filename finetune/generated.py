@@ -13,7 +13,15 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import FinetuneError
-from .inference import Edit, Generator, Sampling, generate_command, generation_batches
+from .inference import (
+    IMG2IMG_STRENGTH,
+    INPAINT_STRENGTH,
+    Edit,
+    Generator,
+    Sampling,
+    generate_command,
+    generation_batches,
+)
 from .legend import labelled_grid, seed_columns
 from .pnginfo import ImageParams, LoraUse, file_sha256, model_reference, params_from_png, save_png
 
@@ -106,8 +114,6 @@ def input_params(args: argparse.Namespace) -> dict:
     """The input picture, mask (by absolute path and sha256), strength and inpainting model, when given."""
     if args.init_image is None:
         return {}
-    from .inference import IMG2IMG_STRENGTH, INPAINT_STRENGTH
-
     default = INPAINT_STRENGTH if args.mask is not None else IMG2IMG_STRENGTH
     found = {"init_image": str(Path(args.init_image).resolve()), "init_image_sha256": file_sha256(args.init_image),
              "strength": default if args.strength is None else args.strength,

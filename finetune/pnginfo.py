@@ -11,6 +11,7 @@ image in `parameters` (as A1111's grids do) and every cell's prompt, seed and bo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -65,7 +66,14 @@ class ImageParams:
 
 def addnet_hash(path: str | Path) -> str:
     """sha256 of a .safetensors file's tensor bytes (after its 8-byte length and JSON header): the hash A1111 and
-    sd-scripts show for a LoRA."""
+    sd-scripts show for a LoRA. Every PNG of a generate call names the same LoRAs: each file is read once, and
+    again only when it changed (its size or modification time)."""
+    stat = Path(path).stat()
+    return _tensor_bytes_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _tensor_bytes_sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         header_length = int.from_bytes(handle.read(8), "little")

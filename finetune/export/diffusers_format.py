@@ -65,7 +65,6 @@ def magnitude_named_for_text_encoders(component: str, layers: dict) -> dict:
 def save_peft_layers(path: Path, layers: dict, ranks: dict, info: dict) -> Path:
     """A LoHa/LoKr file: `component.<peft key>` tensors, the adapter config in diffusers' header key (so the file
     says its rank and alpha like a diffusers one), and the finetune.* header; written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{name}.{key}": value for name, part in layers.items() for key, value in part.items()}
     adapter = {f"{name}.{key}": value for name, (r, alpha) in ranks.items()
                for key, value in (("r", r), ("lora_alpha", alpha), ("peft_type", str(info["type"]).upper()))}

@@ -44,9 +44,6 @@ class TokenEmbeddings:
     def is_sdxl(self) -> bool:
         return "text_encoder_2" in self.vectors
 
-    def rewrite(self, prompt: str) -> str:
-        return rewrite_prompt(prompt, self.word, "".join(self.tokens))
-
 
 def token_names(count: int) -> list[str]:
     """<s0>, <s1>, ...: the names diffusers' advanced DreamBooth script gives its inserted tokens."""
