@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 import sys
-import time
 
 log = logging.getLogger("finetune")
 
@@ -107,11 +106,6 @@ def seconds(elapsed: float) -> str:
         return f"{elapsed:.0f} s"
     minutes, rest = divmod(round(elapsed), 60)
     return f"{minutes} min {rest:02d} s"
-
-
-def since(start: float) -> str:
-    """The time since `start` (a time.perf_counter() value), as `seconds` writes it."""
-    return seconds(time.perf_counter() - start)
 
 
 def brief(exc: BaseException, limit: int = 300) -> str:

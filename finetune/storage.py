@@ -68,11 +68,9 @@ def probe_folder(folder: str | Path | None) -> str | None:
 def writing_into(folder: str | Path, where: str, advice: str):
     """Turn a storage failure while writing into `folder` into one line: `where: reason; advice`.
 
-    Any other error passes through untouched; so do our own one-line errors."""
+    Any other error passes through untouched."""
     try:
         yield
-    except FinetuneError:
-        raise
     except (OSError, SafetensorError, RuntimeError) as exc:
         reason = storage_reason(exc, folder)
         if reason is None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from ..console import brief
 from ..errors import FinetuneError
 from .images import IMAGE_SUFFIXES, resize_and_crop, to_rgb
 
@@ -40,8 +41,8 @@ def read_mask(source: MaskSource) -> Image.Image | None:
             opened.load()
             image = ImageOps.exif_transpose(opened)
     except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types on corrupt input
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise FinetuneError(f"{source.path}: not a readable image ({reason}); replace or remove the file") from None
+        raise FinetuneError(f"{source.path}: not a readable image ({brief(exc, 200)}); replace or remove the "
+                            "file") from None
     if source.alpha:
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
