@@ -553,6 +553,13 @@ class DreamBoothConfig:
                   f"data.trigger's first word {self.pivotal_word()!r} is not one word (letters, digits, _ or -); "
                   "set lora.pivotal_word, e.g. sks")
 
+    def caches_prompt_embeddings(self) -> bool:
+        """Whether every prompt is encoded once, before training, so the text encoders leave the GPU: not when they
+        train (lora.text_encoder), nor when their token rows do (lora.pivotal), nor with tag shuffling (too many
+        variants to list)."""
+        return (self.train.cache_text_embeddings and not self.lora.text_encoder and not self.lora.pivotal
+                and not self.data.shuffle_tags)
+
     def pivotal_word(self) -> str:
         """lora.pivotal's word: lora.pivotal_word, else data.trigger's first word ('' without either)."""
         words = (self.data.trigger or "").split()

@@ -109,8 +109,10 @@ def unet_bytes(arch: Architecture, quantize: str, weight_bytes: int) -> float:
     return arch.unet_params * weight_bytes
 
 
-def estimate(arch: Architecture, train, model, lora, prior, samples_per_step: int, class_images_to_draw: int) -> dict:
-    """Peak MiB of each phase and of the run (as nvidia-smi would show it) for these settings."""
+def estimate(arch: Architecture, train, model, lora, prior, samples_per_step: int, class_images_to_draw: int,
+             prompts_cached: bool) -> dict:
+    """Peak MiB of each phase and of the run (as nvidia-smi would show it) for these settings; `prompts_cached`:
+    DreamBoothConfig.caches_prompt_embeddings (else the text encoders stay on the GPU through training)."""
     weight_bytes = FP32 if train.mixed_precision == "no" else HALF
     unet = unet_bytes(arch, model.quantize_unet, weight_bytes)
     pixels = (train.resolution / 512) ** 2
@@ -136,8 +138,7 @@ def estimate(arch: Architecture, train, model, lora, prior, samples_per_step: in
     lora_params = sum(pairs * lora.rank * (i + o) + (o if lora.type == "dora" else 0)
                       for i, o in arch.target_linear_shapes)
     lora_total = lora_params * (FP32 + FP32 + (2 if train.optimizer == "adamw8bit" else 8))  # weights, grads, state
-    encoders_resident = lora.text_encoder or not train.cache_text_embeddings
-    phases["training"] = unet + lora_total + activations + (encoders if encoders_resident else 0)
+    phases["training"] = unet + lora_total + activations + (0 if prompts_cached else encoders)
     result = {f"{name}_mib": round(value / MIB) for name, value in phases.items()}
     result["peak_mib"] = round(max(phases.values()) / MIB + CONTEXT_MIB)
     result["peak_phase"] = max(phases, key=lambda name: phases[name])
@@ -151,7 +152,8 @@ def samples_per_step(cfg) -> int:
 
 def estimate_config(cfg, arch: Architecture) -> dict:
     """estimate() for a recipe config as `finetune train` would run it."""
-    return estimate(arch, cfg.train, cfg.model, cfg.lora, cfg.prior, samples_per_step(cfg), class_images_to_draw(cfg))
+    return estimate(arch, cfg.train, cfg.model, cfg.lora, cfg.prior, samples_per_step(cfg), class_images_to_draw(cfg),
+                    cfg.caches_prompt_embeddings())
 
 
 def class_images_to_draw(cfg) -> int:

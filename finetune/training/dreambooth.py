@@ -85,8 +85,7 @@ def encode_prompts(kind: ModelKind, pipe, examples: list[Example], cfg, run: Run
     training can see is encoded now, the encoders on the GPU alone, then back on the CPU. None when prompts are
     encoded each step instead (LoRA on the text encoders, tag shuffling): text_conditioning then."""
     cached = None
-    # Trained text encoders or token embeddings (lora.pivotal) change the embeddings: encoded each step then.
-    if cfg.train.cache_text_embeddings and not cfg.lora.text_encoder and not cfg.lora.pivotal:
+    if cfg.caches_prompt_embeddings():
         cached = possible_prompts([e.prompt for e in examples], cfg.data.caption_dropout, cfg.data.shuffle_tags)
     if cached is None:
         phase.add("prompts encoded at each step (text-encoder LoRA, tag shuffling or "
