@@ -135,7 +135,8 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
     "fast": {"train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "optimizer": "adamw"}},
     # Activations recomputed instead of stored, the frozen U-Net in 4 bits (its convolutions too: two thirds of
     # SD 1.x's weights), 8-bit optimizer state. Class images one at a time: a batch's activations would set the peak.
-    "low_memory": {"model": {"quantize_unet": "nf4_all"}, "prior": {"generation_batch_size": 1, "generation_offload": True},
+    "low_memory": {"model": {"quantize_unet": "nf4_all"},
+                   "prior": {"generation_batch_size": 1, "generation_offload": True},
                    "train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "vae_tiling": True,
                              "expandable_segments": True,
                              "gradient_checkpointing": True, "optimizer": "adamw8bit"}},
