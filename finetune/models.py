@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bitsandbytes.functional import QuantState, dequantize_4bit, quantize_4bit
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from torch.nn.utils import parametrize
 
 from .config import ModelConfig
 from .console import brief
@@ -76,25 +78,29 @@ def load_pipeline(model: ModelConfig, pipeline_class: Any = StableDiffusionPipel
 
 
 def ensure_unet(pipe: Any, model: ModelConfig, compute_dtype: torch.dtype) -> torch.nn.Module:
-    """The pipeline's U-Net, loading the deferred 4-bit one (model.quantize_unet=nf4) onto the GPU first if needed."""
+    """The pipeline's U-Net, loading the deferred 4-bit one (model.quantize_unet=nf4 or nf4_all) onto the GPU first
+    if needed."""
     if pipe.unet is None:
-        pipe.register_modules(unet=load_nf4_unet(model, compute_dtype))
+        unet = load_nf4_unet(model, compute_dtype)
+        if model.quantize_unet == "nf4_all":
+            store_convolutions_in_nf4(unet)
+        pipe.register_modules(unet=unet)
     return pipe.unet
 
 
 def check_nf4_possible(model: ModelConfig, source: str) -> None:
     if not torch.cuda.is_available():
-        raise FinetuneError("model.quantize_unet=nf4 needs a CUDA GPU (bitsandbytes 4-bit); set model.quantize_unet="
-                            "none here")
+        raise FinetuneError(f"model.quantize_unet={model.quantize_unet} needs a CUDA GPU (bitsandbytes 4-bit); set "
+                            "model.quantize_unet=none here")
     if source == "file":
-        raise FinetuneError(f"model.quantize_unet=nf4: {model.pretrained} is a single file; quantizing loads the "
-                            f"U-Net from a diffusers folder or Hub id (save it as one with diffusers' "
-                            f"save_pretrained), or set "
-                            f"model.quantize_unet=none")
+        raise FinetuneError(f"model.quantize_unet={model.quantize_unet}: {model.pretrained} is a single file; "
+                            "quantizing loads the U-Net from a diffusers folder or Hub id (save it as one with "
+                            "diffusers' save_pretrained), or set model.quantize_unet=none")
 
 
 def load_nf4_unet(model: ModelConfig, compute_dtype: torch.dtype):
-    """The U-Net with its linear layers in NF4 through diffusers' bitsandbytes quantizer (QLoRA's storage)."""
+    """The U-Net with its linear layers in NF4 through diffusers' bitsandbytes quantizer (QLoRA's storage); with
+    nf4_all, ensure_unet stores its convolutions in NF4 next."""
     from diffusers import BitsAndBytesConfig, UNet2DConditionModel
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
     try:
@@ -103,8 +109,47 @@ def load_nf4_unet(model: ModelConfig, compute_dtype: torch.dtype):
                                                     torch_dtype=compute_dtype)
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
         reason = brief(exc)
-        raise FinetuneError(f"model.quantize_unet=nf4: could not load the U-Net of {model.pretrained} in 4 bits: "
+        raise FinetuneError(f"model.quantize_unet={model.quantize_unet}: could not load the U-Net of "
+                            f"{model.pretrained} in 4 bits: "
                             f"{reason}") from None
+
+
+NF4_BLOCK = 64  # weights per fp32 scale: bitsandbytes' default, the one QLoRA measured
+EDGE_CONVOLUTIONS = ("conv_in", "conv_out")  # a few thousand weights each, next to the latents: kept as they are
+
+
+class NF4Storage(torch.nn.Module):
+    """A frozen weight kept in NF4 and given back in its own dtype each time its layer reads it (a parametrization).
+
+    Written here because bitsandbytes has a 4-bit Linear but no 4-bit convolution, and two thirds of SD 1.x's
+    U-Net weights are convolutions; bitsandbytes' own quantize/dequantize functions do the arithmetic. The packed
+    weight and its scales are the layer's tensors, so they move with it, and dequantizing is one kernel with no
+    host sync, so a CUDA graph replays it (train.cuda_graphs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("code", None)
+        self.shape, self.dtype = torch.Size(), torch.bfloat16
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        packed, state = quantize_4bit(weight.detach(), blocksize=NF4_BLOCK, quant_type="nf4")
+        self.code, self.shape, self.dtype = state.code, weight.shape, weight.dtype
+        return packed, state.absmax
+
+    def forward(self, packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+        state = QuantState(absmax=absmax.float(), shape=self.shape, code=self.code.float(), blocksize=NF4_BLOCK,
+                           quant_type="nf4", dtype=self.dtype)
+        return dequantize_4bit(packed, state)
+
+
+def store_convolutions_in_nf4(unet: torch.nn.Module) -> int:
+    """Keep the frozen U-Net's convolution weights (all but the edge ones) in NF4; returns how many were stored."""
+    convolutions = [module for name, module in unet.named_modules()
+                    if isinstance(module, torch.nn.Conv2d) and name not in EDGE_CONVOLUTIONS]
+    for conv in convolutions:
+        conv.weight.requires_grad_(False)  # frozen; and 4-bit storage is an integer tensor, which has no gradient
+        parametrize.register_parametrization(conv, "weight", NF4Storage(), unsafe=True)
+    return len(convolutions)
 
 
 TILE_PX = 512

@@ -43,6 +43,7 @@ HALF, FP32 = 2, 4
 class Architecture:
     unet_params: int
     unet_linear_params: int
+    unet_conv_params: int                        # convolution weights that model.quantize_unet=nf4_all stores in NF4
     text_encoder_params: int
     vae_params: int
     family: str                                  # sd1, sd2 or sdxl
@@ -81,6 +82,7 @@ def read_architecture(model_dir: str, unet_targets: str) -> Architecture:
 
     from .family import decide, folder_facts
     from .lora import UNET_TARGETS
+    from .models import EDGE_CONVOLUTIONS
 
     root = Path(model_dir)
     if not (root / "unet" / "config.json").is_file():
@@ -97,6 +99,8 @@ def read_architecture(model_dir: str, unet_targets: str) -> Architecture:
     return Architecture(
         unet_params=sum(p.numel() for p in unet.parameters()),
         unet_linear_params=sum(m.weight.numel() for _, m in linears),
+        unet_conv_params=sum(m.weight.numel() for name, m in unet.named_modules()
+                             if isinstance(m, torch.nn.Conv2d) and name not in EDGE_CONVOLUTIONS),
         text_encoder_params=sum(p.numel() for e in encoders for p in e.parameters()),
         vae_params=sum(p.numel() for p in vae.parameters()),
         family=family.base,
@@ -104,9 +108,11 @@ def read_architecture(model_dir: str, unet_targets: str) -> Architecture:
 
 
 def unet_bytes(arch: Architecture, quantize: str, weight_bytes: int) -> float:
-    if quantize == "nf4":  # 4 bits per linear weight plus one fp32 scale per 64-weight block; the rest in bf16
-        return arch.unet_linear_params * (0.5 + 4 / 64) + (arch.unet_params - arch.unet_linear_params) * HALF
-    return arch.unet_params * weight_bytes
+    """The U-Net's weights: in NF4, 4 bits per weight plus one fp32 scale per 64-weight block; the rest in bf16."""
+    if quantize == "none":
+        return arch.unet_params * weight_bytes
+    in_nf4 = arch.unet_linear_params + (arch.unet_conv_params if quantize == "nf4_all" else 0)
+    return in_nf4 * (0.5 + 4 / 64) + (arch.unet_params - in_nf4) * HALF
 
 
 def estimate(arch: Architecture, train, model, lora, prior, samples_per_step: int, class_images_to_draw: int,
