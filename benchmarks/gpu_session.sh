@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 case $arch in
   sdxl) ours=${OURS:-low_memory,low_memory_draws,fast_checkpointing} peer=checkpointing e2e=() ;;
-  sd15) ours=${OURS:-low_memory,fast} peer=default e2e=(--e2e-steps 500) ;;
+  sd15) ours=${OURS:-low_memory,fast} peer=default e2e=(--e2e-steps "${E2E:-500}") ;;  # E2E=0: none
 esac
 python3 benchmarks/bench.py --arch "$arch" --steps "$steps" --ours "$ours" --peer "$peer" "${e2e[@]}" \
     --peer-dir .bench/reference --work /tmp/bench --out "$out/bench-$arch.json" --rows-to "$out/rows-$arch.md" \

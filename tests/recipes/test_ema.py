@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import signal
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.export.diffusers_format import finetune_metadata
@@ -22,7 +20,6 @@ from tests.recipes.test_crash_safety import (
     start_training,
     wait_for_checkpoint,
 )
-from tests.recipes.test_multi_process import launch
 
 SD15 = "recipes/configs/sd15_dreambooth_lora.yaml"
 EXPORT = "pytorch_lora_weights.safetensors"
@@ -139,29 +136,3 @@ def test_kill_and_resume_give_the_same_ema_bitwise(tiny_sd1, photos, tmp_path, r
     a, b = (torch.load(folder / final, weights_only=False) for folder in (straight, run))
     assert a["optimization_step"] == b["optimization_step"] == steps
     assert all(torch.equal(x, y) for x, y in zip(a["shadow_params"], b["shadow_params"]))
-
-
-def test_two_processes_keep_the_same_ema_and_masks_as_one_with_twice_the_batch(tiny_sd1, photos, tmp_path, run_cli):
-    """Under `accelerate launch` (2 processes, gloo) each process keeps its own EMA of the same weights and loads the
-    masks of its own share of the photos: the result is the one process's at batch 2."""
-    masks = tmp_path / "masks"
-    masks.mkdir()
-    for photo in sorted(photos.glob("*.jpg")):
-        width, height = Image.open(photo).size
-        array = np.full((height, width), 255, dtype=np.uint8)
-        array[: height // 3] = 0  # the top third is background
-        Image.fromarray(array, mode="L").save(masks / f"{photo.stem}.png")
-    overrides = tiny_overrides(tiny_sd1, photos, tmp_path, **{
-        "prior.num_class_images": 0, "train.max_steps": 3, "train.ema_decay": 0.5,
-        "data.masks": masks, "data.mask_weight": 0.1, "data.random_flip": "true"})
-    two = launch("-m", "finetune", "train", SD15, *overrides, f"output_dir={tmp_path / 'two'}", "train.batch_size=1")
-    assert two.returncode == 0, two.stderr[-3000:]
-    code, _, err = run_cli("train", SD15, *overrides, f"output_dir={tmp_path / 'one'}", "train.batch_size=2")
-    assert code == 0, err
-    for name in (EXPORT, NO_EMA_WEIGHT_NAME):
-        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-6, msg=key)
-    ema, raw = load_file(tmp_path / "one" / EXPORT), load_file(tmp_path / "one" / NO_EMA_WEIGHT_NAME)
-    assert any((ema[k] - raw[k]).abs().max() > 1e-5 for k in ema)  # two different files were compared

@@ -11,17 +11,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.cli import load_recipe_config
+from finetune.run_files import NO_EMA_WEIGHT_NAME
 from finetune.training.distributed import state_digest
 from recipes import dreambooth_lora, sdxl_dreambooth_lora
 from tests.helpers import SDXL, add_wide_photo, sdxl_overrides, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 SD15 = "recipes/configs/sd15_dreambooth_lora.yaml"
+EXPORT, EMBEDDINGS = "pytorch_lora_weights.safetensors", "embeddings.safetensors"
 
 
 def free_port() -> int:
@@ -121,3 +124,38 @@ def test_two_processes_take_whole_buckets_and_train_sdxl_like_one_process_accumu
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_two_processes_keep_the_same_ema_masks_and_pivotal_rows_as_one_with_twice_the_batch(tiny_sd1, photos,
+                                                                                            tmp_path):
+    """One launch for three things kept per process (one run: each launch costs a dozen seconds of imports here).
+    Each process keeps its own EMA of the same weights and loads the masks of its own share of the photos; the new
+    embedding rows are no module Accelerate wraps, so their gradient is averaged across processes by hand, or each
+    process's copy would drift and the main process's export would be its own half of the batch. The result is
+    the one process's at batch 2."""
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for photo in sorted(photos.glob("*.jpg")):
+        width, height = Image.open(photo).size
+        array = np.full((height, width), 255, dtype=np.uint8)
+        array[: height // 3] = 0  # the top third is background
+        Image.fromarray(array, mode="L").save(masks / f"{photo.stem}.png")
+    overrides = tiny_overrides(tiny_sd1, photos, tmp_path, **{
+        "prior.num_class_images": 0, "train.max_steps": 3, "train.ema_decay": 0.5,
+        "data.masks": masks, "data.mask_weight": 0.1, "data.random_flip": "true",
+        "lora.pivotal": "true", "lora.pivotal_word": "sks", "lora.pivotal_stop_step": 2,
+        "lora.pivotal_learning_rate": 1e-2, "data.caption_dropout": 0})
+    two = launch("-m", "finetune", "train", SD15, *overrides, f"output_dir={tmp_path / 'two'}", "train.batch_size=1")
+    assert two.returncode == 0, two.stderr[-3000:]
+    _, cfg = load_recipe_config(SD15, [*overrides, f"output_dir={tmp_path / 'one'}", "train.batch_size=2"])
+    dreambooth_lora.main(cfg)
+    for name in (EXPORT, NO_EMA_WEIGHT_NAME, EMBEDDINGS):
+        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-6, msg=f"{name}: {key}")
+    ema, raw = load_file(tmp_path / "one" / EXPORT), load_file(tmp_path / "one" / NO_EMA_WEIGHT_NAME)
+    assert any((ema[k] - raw[k]).abs().max() > 1e-5 for k in ema)  # two different files were compared
+    rows = load_file(tmp_path / "one" / EMBEDDINGS)["clip_l"]
+    saved = load_file(tmp_path / "one" / "checkpoints" / "step-000003" / EMBEDDINGS)["clip_l"]
+    assert torch.equal(rows, saved)  # the final checkpoint holds the final rows

@@ -304,26 +304,6 @@ def test_the_model_cards_diffusers_snippet_runs_with_the_tokens(pivotal_run):
     assert tokenizer.convert_tokens_to_ids(TOKENS) == [len(tokenizer) - 2, len(tokenizer) - 1]
 
 
-def test_two_processes_train_the_embeddings_like_one_process_with_twice_the_batch(tiny_sd1, photos, tmp_path):
-    """The rows are no module Accelerate wraps: their gradient is averaged across processes by hand, or each
-    process's copy would drift and the main process's export would be its own half of the batch."""
-    from finetune.cli import load_recipe_config
-    from tests.recipes.test_multi_process import launch
-    overrides = tiny_overrides(tiny_sd1, photos, tmp_path, **{
-        "prior.num_class_images": 0, "lora.pivotal": "true", "lora.pivotal_word": "sks", "train.max_steps": 2,
-        "lora.pivotal_stop_step": 2, "lora.pivotal_learning_rate": 1e-2, "data.caption_dropout": 0})
-    two = launch("-m", "finetune", "train", SD15, *overrides, f"output_dir={tmp_path / 'two'}",
-                 "train.batch_size=1")
-    assert two.returncode == 0, two.stderr[-3000:]
-    _, cfg = load_recipe_config(SD15, [*overrides, f"output_dir={tmp_path / 'one'}", "train.batch_size=2"])
-    dreambooth_lora.main(cfg)
-    one = load_file(tmp_path / "one" / "embeddings.safetensors")["clip_l"]
-    both = load_file(tmp_path / "two" / "embeddings.safetensors")["clip_l"]
-    saved = load_file(tmp_path / "one" / "checkpoints" / "step-000002" / "embeddings.safetensors")["clip_l"]
-    assert torch.equal(one, saved)  # the final checkpoint holds the final rows
-    torch.testing.assert_close(both, one, rtol=0, atol=2e-6)
-
-
 def test_show_config_docs_lists_every_pivotal_key(run_cli):
     code, out, _ = run_cli("show-config", SDXL, "--docs")
     assert code == 0
