@@ -3,17 +3,21 @@
     python benchmarks/probe_memory.py unet-load --model /tmp/finetune-bench/model-sdxl --out load.json
     python benchmarks/probe_memory.py class-images --model /tmp/finetune-bench/model-sd15 --out classes.json
     python benchmarks/probe_memory.py imports --out imports.json
+    python benchmarks/probe_memory.py nf4-convs --model /tmp/finetune-bench/model-sd15 --out convs.json
 
 `unet-load` loads the SDXL U-Net in NF4 three ways, each in a process of its own (so each peak is its own):
 quantized while it loads (what diffusers' bitsandbytes loader does from a bf16/fp16 folder), loaded from a folder
 that holds it already quantized (diffusers' `save_pretrained` of the 4-bit model), and the same through
 `finetune.models.load_nf4_unet` with the quantized copy in its cache. `class-images` draws SD1.5 class images at
 several (steps, batch) settings and reports seconds per image and the reserved peak. `imports` times what the CLI
-imports before it does anything.
+imports before it does anything. `nf4-convs` loads the U-Net with model.quantize_unet=nf4 and nf4_all (each in a
+process of its own, expandable segments on as in low_memory) and takes an eager and a CUDA-graph training step
+with checkpointing at batch 2: memory after loading, what autograd saves in the forward, each step's peak.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -55,6 +59,79 @@ def measure_load(how: str, model: str, quantized: str) -> dict:
             "device": str(next(unet.parameters()).device),
             "folder_mib": round(sum(f.stat().st_size for f in Path(quantized).rglob("*") if f.is_file()) / 2**20)
             if Path(quantized).is_dir() else None}
+
+
+def measure_nf4_step(how: str, model: str, latent: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from finetune.config import LoraConfig, ModelConfig
+    from finetune.lora import add_unet_lora, lora_parameters
+    from finetune.models import load_nf4_unet, store_convolutions_in_nf4
+    from finetune.training.unet_call import UNetForward
+
+    mib = 2**20
+    out: dict = {"quantize_unet": how}
+    unet = load_nf4_unet(ModelConfig(pretrained=model, quantize_unet=how), torch.bfloat16)
+    out["loaded_allocated_mib"] = round(torch.cuda.memory_allocated() / mib)
+    if how == "nf4_all":
+        out["convolutions_stored"] = store_convolutions_in_nf4(unet)
+    torch.cuda.empty_cache()
+    out["weights_allocated_mib"] = round(torch.cuda.memory_allocated() / mib)
+    out["weights_reserved_mib"] = round(torch.cuda.memory_reserved() / mib)
+    add_unet_lora(unet, LoraConfig(rank=4, unet_targets="all_attention"))
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    params = lora_parameters(unet)
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(2, 4, latent, latent, device="cuda", generator=g)
+    emb = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", generator=g)
+    t = torch.tensor([10, 500], device="cuda")
+    for use_graphs in (False, True):
+        forward = UNetForward(unet, torch.bfloat16, use_graphs=use_graphs)
+        saved: list[int] = []
+
+        def count(tensor, saved=saved):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+        torch.cuda.reset_peak_memory_stats()
+        for i in range(4):
+            counting = i == 0 and not use_graphs
+            with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t) if counting else contextlib.nullcontext():
+                loss = F.mse_loss(forward(x, t, emb).float(), x)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=not use_graphs)
+        torch.cuda.synchronize()
+        name = "graphs" if use_graphs else "eager"
+        if not use_graphs:
+            out["eager_saved_in_forward_mib"] = round(sum(saved) / mib)
+        out[f"{name}_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / mib)
+        out[f"{name}_peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / mib)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            loss = F.mse_loss(forward(x, t, emb).float(), x)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=not use_graphs)
+        torch.cuda.synchronize()
+        out[f"{name}_it_per_s"] = round(10 / (time.perf_counter() - t0), 2)
+    return out
+
+
+def nf4_convs(args) -> list[dict]:
+    results = []
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for how in ("nf4", "nf4_all"):
+        proc = subprocess.run([sys.executable, __file__, "nf4-step-one", "--how", how, "--model", args.model,
+                               "--latent", str(args.latent)], capture_output=True, text=True, env=env)
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
+                       {"quantize_unet": how, "error": proc.stderr[-2000:]})
+        print(json.dumps(results[-1]), flush=True)
+    return results
 
 
 def unet_load(args) -> list[dict]:
@@ -121,7 +198,9 @@ def imports(args) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["unet-load", "load-one", "class-images", "imports"])
+    parser.add_argument("what", choices=["unet-load", "load-one", "class-images", "imports", "nf4-convs",
+                                         "nf4-step-one"])
+    parser.add_argument("--latent", type=int, default=64, help="nf4-convs: latent size (64 for 512 px)")
     parser.add_argument("--model", default=None, help="a diffusers folder (benchmarks/models.py builds one)")
     parser.add_argument("--work", default="/tmp/probe-memory")
     parser.add_argument("--how", default="quantize_on_load", help=argparse.SUPPRESS)
@@ -133,7 +212,11 @@ def main():
     if args.what == "load-one":
         print(json.dumps(measure_load(args.how, args.model, str(Path(args.work) / "unet-nf4"))))
         return
-    results = {"unet-load": unet_load, "class-images": class_images, "imports": imports}[args.what](args)
+    if args.what == "nf4-step-one":
+        print(json.dumps(measure_nf4_step(args.how, args.model, args.latent)))
+        return
+    results = {"unet-load": unet_load, "class-images": class_images, "imports": imports,
+               "nf4-convs": nf4_convs}[args.what](args)
     Path(args.out).write_text(json.dumps(results, indent=2))
 
 
