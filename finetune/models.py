@@ -126,16 +126,15 @@ class NF4Storage(torch.nn.Module):
     weight and its scales are the layer's tensors, so they move with it, and dequantizing is one kernel with no
     host sync, so a CUDA graph replays it (train.cuda_graphs)."""
 
-    def __init__(self, packed: torch.Tensor, state: QuantState) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.packed, self.absmax = packed, state.absmax  # handed over once, by right_inverse
-        self.register_buffer("code", state.code)
-        self.shape, self.dtype = state.shape, state.dtype
+        self.register_buffer("code", None)
+        self.shape, self.dtype = torch.Size(), torch.bfloat16
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        packed, absmax = self.packed, self.absmax
-        del self.packed, self.absmax  # the layer holds them from here on
-        return packed, absmax
+        packed, state = quantize_4bit(weight.detach(), blocksize=NF4_BLOCK, quant_type="nf4")
+        self.code, self.shape, self.dtype = state.code, weight.shape, weight.dtype
+        return packed, state.absmax
 
     def forward(self, packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
         state = QuantState(absmax=absmax.float(), shape=self.shape, code=self.code.float(), blocksize=NF4_BLOCK,
@@ -146,14 +145,13 @@ class NF4Storage(torch.nn.Module):
 def store_convolutions_in_nf4(unet: torch.nn.Module) -> int:
     """Keep the frozen U-Net's convolution weights (all but the edge ones) in NF4; returns how many were stored.
 
-    Every weight is quantized before any full-precision one is let go: freed one by one, each would leave a hole
-    beside its packed copy, and the CUDA graphs' memory pool cannot use the holes of the ordinary one."""
+    One layer at a time, so the full-precision copies never coexist with the packed ones (quantizing all first
+    measured a 290 MiB higher training peak on the H200: BENCHMARKS.md)."""
     convolutions = [module for name, module in unet.named_modules()
                     if isinstance(module, torch.nn.Conv2d) and name not in EDGE_CONVOLUTIONS]
-    quantized = [quantize_4bit(conv.weight.detach(), blocksize=NF4_BLOCK, quant_type="nf4") for conv in convolutions]
-    for conv, (packed, state) in zip(convolutions, quantized):
+    for conv in convolutions:
         conv.weight.requires_grad_(False)  # frozen; and 4-bit storage is an integer tensor, which has no gradient
-        parametrize.register_parametrization(conv, "weight", NF4Storage(packed, state), unsafe=True)
+        parametrize.register_parametrization(conv, "weight", NF4Storage(), unsafe=True)
     return len(convolutions)
 
 
