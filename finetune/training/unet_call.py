@@ -93,14 +93,8 @@ class UNetForward:
 
     def _record(self, inputs) -> Callable | None:
         samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
-        module = UNetOnTensors(self.unet)  # its own: make_graphed_callables replaces the forward of its module
-        try:
-            warm_up(module, samples)
-            # make_graphed_callables can warm up by itself, but then records with the warm-up's freed activations
-            # still cached, and the recording's own pool comes on top of them (SD 1.5 low_memory on the H200:
-            # about 0.8 GiB more than either, BENCHMARKS.md). Emptying the cache in between removes that.
-            torch.cuda.empty_cache()
-            graphed = torch.cuda.make_graphed_callables(module, samples, num_warmup_iters=0)
+        try:  # its own wrapper: make_graphed_callables replaces the forward of the module it is given
+            graphed = torch.cuda.make_graphed_callables(UNetOnTensors(self.unet), samples, num_warmup_iters=3)
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the eager path, which is correct
             log.warning("notice: recording the U-Net as a CUDA graph failed (%s); training eagerly",
                         str(error).splitlines()[0][:200])
@@ -109,16 +103,3 @@ class UNetForward:
         torch.cuda.empty_cache()  # the eager warm-up's activations: the graphs replay from a pool of their own
         log.info("recorded the U-Net's forward and backward as CUDA graphs for input %s", tuple(inputs[0].shape))
         return graphed
-
-
-def warm_up(module: torch.nn.Module, samples: tuple, iterations: int = 3) -> None:
-    """The warm-up make_graphed_callables would run: forward and gradients on a side stream, so that lazy CUDA
-    set-up (cuBLAS handles, kernel selection) happens before the recording, not inside it."""
-    trainable = [t for t in (*samples, *module.parameters()) if t.requires_grad]
-    torch.cuda.synchronize()
-    with torch.cuda.stream(torch.cuda.Stream()):
-        for _ in range(iterations):
-            output = module(*samples)
-            torch.autograd.grad(output, trainable, grad_outputs=torch.ones_like(output))
-            del output
-    torch.cuda.synchronize()

@@ -13,9 +13,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from finetune.cli import load_recipe_config
-from finetune.config import LoraConfig, TrainConfig
+from finetune.config import TrainConfig
 from finetune.errors import ConfigError
-from finetune.lora import add_unet_lora
 from finetune.training.accelerator import make_accelerator
 from finetune.training.unet_call import UNetForward, UNetOnTensors, graphs_usable
 from tests.helpers import tiny_overrides
@@ -112,34 +111,3 @@ def test_nf4_without_a_gpu_is_one_line_and_writes_nothing(tiny_sd1, photos, tmp_
     assert code != 0
     assert "model.quantize_unet=nf4 needs a CUDA GPU" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
-
-
-def test_the_recording_starts_after_the_warm_up_and_an_emptied_cache(tiny_sd1, monkeypatch):
-    """The order on a (pretend) CUDA device: three warm-up steps with gradients, the cache emptied, then
-    make_graphed_callables with no warm-up of its own, the cache emptied again; the call then goes through what it
-    returned."""
-    import contextlib
-    events: list = []
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet")
-    unet.requires_grad_(False)
-    add_unet_lora(unet, LoraConfig(rank=2))
-    real_forward = UNetOnTensors.forward
-
-    def forward(self, *args):
-        events.append("forward")
-        return real_forward(self, *args)
-
-    def make_graphed(module, samples, num_warmup_iters):
-        events.append(("record", num_warmup_iters))
-        return lambda *inputs: module(*inputs)
-    monkeypatch.setattr(UNetOnTensors, "forward", forward)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty"))
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", make_graphed)
-    x, emb = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
-    out = UNetForward(unet, torch.float32, use_graphs=True)(x, torch.tensor([5]), emb)
-    assert events == ["forward"] * 3 + ["empty", ("record", 0), "empty", "forward"]
-    with torch.no_grad():
-        assert torch.equal(out, unet(x, torch.tensor([5]), emb).sample)
