@@ -133,9 +133,9 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
     # Small batches are bound by kernel launches, not arithmetic: graphs remove the launches, bf16 without autocast
     # removes the per-op casts, fused AdamW steps every LoRA tensor in one kernel.
     "fast": {"train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "optimizer": "adamw"}},
-    # Activations recomputed instead of stored, the frozen U-Net in 4 bits (its convolutions too: two thirds of
-    # SD 1.x's weights), 8-bit optimizer state. Class images one at a time: a batch's activations would set the peak.
-    "low_memory": {"model": {"quantize_unet": "nf4_all"},
+    # Activations recomputed instead of stored, the frozen U-Net's linear layers in 4 bits, 8-bit optimizer state.
+    # Class images one at a time: a batch's activations would set the run's peak.
+    "low_memory": {"model": {"quantize_unet": "nf4"},
                    "prior": {"generation_batch_size": 1, "generation_offload": True},
                    "train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "vae_tiling": True,
                              "expandable_segments": True,

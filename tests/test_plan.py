@@ -107,8 +107,7 @@ def test_phases_that_never_share_the_gpu_are_estimated_apart(architectures, tmp_
                                                   f"data.class_dir={tmp_path / 'empty'}"])
     arch = read_architecture(str(architectures["sdxl"]), cfg.lora.unet_targets)
     est = estimate_config(cfg, arch)
-    in_nf4 = arch.unet_linear_params + arch.unet_conv_params  # low_memory: linear layers and convolutions
-    nf4_unet = in_nf4 * (0.5 + 4 / 64) + (arch.unet_params - in_nf4) * 2
+    nf4_unet = arch.unet_linear_params * (0.5 + 4 / 64) + (arch.unet_params - arch.unet_linear_params) * 2
     drawing = max(arch.text_encoder_params * 2, nf4_unet + GENERATE_UNET_MIB_512 * 4 * 1 * MIB,  # 1024 px: 4x
                   arch.vae_params * 2 + DECODE_MIB_512 * 1 * MIB)  # one 512 px tile at a time
     assert est["class_images_mib"] == round(drawing / MIB)

@@ -189,7 +189,7 @@ def test_tiled_vae_encodes_in_overlapping_tiles(tiny_sd1):
 def test_low_memory_mode_turns_on_tiling_and_expandable_segments(tiny_sd1, photos, tmp_path, run_cli, monkeypatch):
     from finetune.cli import load_recipe_config
     _, cfg = load_recipe_config(SD15, ["train.mode=low_memory"])
-    assert cfg.train.vae_tiling and cfg.train.expandable_segments and cfg.model.quantize_unet == "nf4_all"
+    assert cfg.train.vae_tiling and cfg.train.expandable_segments and cfg.model.quantize_unet == "nf4"
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     code, _, err = run_cli("train", SD15, *tiny_overrides(tiny_sd1, photos, tmp_path, **{
         "train.max_steps": 1, "train.expandable_segments": "true", "train.vae_tiling": "true"}))

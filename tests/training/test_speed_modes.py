@@ -33,7 +33,7 @@ def test_fast_mode_sets_its_switches_and_explicit_keys_win():
 
 def test_low_memory_mode_checkpoints_and_quantizes_and_custom_changes_nothing():
     low = load_recipe_config(SD15, ["train.mode=low_memory"])[1]
-    assert low.model.quantize_unet == "nf4_all" and low.train.gradient_checkpointing
+    assert low.model.quantize_unet == "nf4" and low.train.gradient_checkpointing
     assert low.train.optimizer == "adamw8bit"
     assert load_recipe_config(SD15, [])[1].train.mode == "fast"  # the shipped SD configs choose fast
     custom = load_recipe_config(SD15, ["train.mode=custom"])[1]
