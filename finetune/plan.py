@@ -37,6 +37,11 @@ DECODE_MIB_512 = 1200
 # earlier H100 estimate (the checkpointed figure plus the 6.8 GB the peer saves by checkpointing at batch 2).
 ACTIVATIONS_MIB = {"sd1": (1190, 550, 550, 512), "sd2": (1190, 550, 550, 512), "sdxl": (4550, 1351, 852, 1024)}
 HALF, FP32 = 2, 4
+# model.quantize_unet=nf4_all without CUDA graphs keeps this share of those activations: 1318 MiB reserved in
+# training on the H200 (SD 1.5, batch 2, checkpointing) against the graph runs' 550 MiB per sample. Fitted on that
+# one run. With graphs the recording's pool held as much as a bf16 copy of the convolutions (2224 MiB reserved
+# against nf4's 2204), so there the U-Net counts as nf4's.
+EAGER_NF4_ALL_ACTIVATIONS = 0.77
 
 
 @dataclasses.dataclass
@@ -120,7 +125,9 @@ def estimate(arch: Architecture, train, model, lora, prior, samples_per_step: in
     """Peak MiB of each phase and of the run (as nvidia-smi would show it) for these settings; `prompts_cached`:
     DreamBoothConfig.caches_prompt_embeddings (else the text encoders stay on the GPU through training)."""
     weight_bytes = FP32 if train.mixed_precision == "no" else HALF
-    unet = unet_bytes(arch, model.quantize_unet, weight_bytes)
+    all_nf4_eager = model.quantize_unet == "nf4_all" and not train.cuda_graphs
+    unet = unet_bytes(arch, "nf4" if model.quantize_unet == "nf4_all" and train.cuda_graphs else model.quantize_unet,
+                      weight_bytes)
     pixels = (train.resolution / 512) ** 2
     vae_pixels = (min(train.resolution, TILE_PX) / 512) ** 2 if train.vae_tiling else pixels
     phases = {}
@@ -137,13 +144,16 @@ def estimate(arch: Architecture, train, model, lora, prior, samples_per_step: in
     without, with_checkpointing, quantized_checkpointing, reference_px = ACTIVATIONS_MIB[arch.family]
     per_sample = without if not train.gradient_checkpointing else (
         quantized_checkpointing if model.quantize_unet != "none" else with_checkpointing)
-    activations = per_sample * (train.resolution / reference_px) ** 2 * samples_per_step * MIB
+    activations = (per_sample * (train.resolution / reference_px) ** 2 * samples_per_step * MIB *
+                   (EAGER_NF4_ALL_ACTIVATIONS if all_nf4_eager else 1))
     # Per adapted layer: LoRA r(i + o); DoRA adds a magnitude per output; LoHa holds two such pairs; LoKr's factors
     # are smaller than LoRA's pair, which stays an upper bound for it.
     pairs = 2 if lora.type == "loha" else 1
     lora_params = sum(pairs * lora.rank * (i + o) + (o if lora.type == "dora" else 0)
                       for i, o in arch.target_linear_shapes)
     lora_total = lora_params * (FP32 + FP32 + (2 if train.optimizer == "adamw8bit" else 8))  # weights, grads, state
+    if model.quantize_unet == "nf4_all":  # the U-Net arrives as nf4's, its convolutions packed one by one after
+        phases["unet_loading"] = unet_bytes(arch, "nf4", HALF)
     phases["training"] = unet + lora_total + activations + (0 if prompts_cached else encoders)
     result = {f"{name}_mib": round(value / MIB) for name, value in phases.items()}
     result["peak_mib"] = round(max(phases.values()) / MIB + CONTEXT_MIB)
@@ -180,7 +190,7 @@ CANDIDATES = [("train.mode=fast", ["train.mode=fast", "train.gradient_checkpoint
 
 
 PHASE_NAMES = {"class_images": "drawing class images", "text_encoding": "encoding prompts",
-               "latent_encoding": "encoding photos", "training": "training"}
+               "latent_encoding": "encoding photos", "unet_loading": "loading the U-Net", "training": "training"}
 
 
 def plan_report(config_class: type, config_path: str, overrides: list[str], gpu_mib: float,

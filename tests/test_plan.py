@@ -20,19 +20,21 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 # (arch, results file, the variants whose phases are those of today's code). Earlier runs that left one phase's
 # cached memory to the next, or drew class images without decoder slicing, measured a structure that is gone.
 # The runs in *-phases-apart.json came after the constants were fitted (none was fitted on them).
-# The third item: overrides that give a variant the settings it ran with, where the shipped ones changed since.
-LINEAR_NF4 = ["model.quantize_unet=nf4"]  # train.mode=low_memory before it stored the convolutions in NF4 too
-MEASURED = [("sd15", "2026-12-01-h200-sd15-phases.json", {"low_memory": LINEAR_NF4, "fast": []}),
+# The third item: overrides that give a variant the settings it ran with, where the shipped ones differ.
+ALL_NF4 = ["model.quantize_unet=nf4_all"]  # train.mode=low_memory set nf4_all for the runs of that file
+MEASURED = [("sd15", "2026-12-01-h200-sd15-phases.json", {"low_memory": [], "fast": []}),
             ("sd15", "2026-12-01-h200-sd15-phases-apart.json", {"fast": [], "e2e": []}),
-            ("sdxl", "2026-12-01-h200-sdxl-phases-apart.json", {"low_memory": LINEAR_NF4,
-                                                                "low_memory_draws": LINEAR_NF4})]
+            ("sdxl", "2026-12-01-h200-sdxl-phases-apart.json", {"low_memory": [], "low_memory_draws": []}),
+            ("sd15", "2026-12-01-h200-sd15-nf4-all-graphs.json", {"low_memory": ALL_NF4,
+                                                                  "low_memory_linear_nf4": []}),
+            ("sd15", "2026-12-01-h200-sd15-nf4-all-eager.json", {"low_memory_all_nf4_eager": []})]
 
 
 def measured_runs():
     for arch, name, variants in MEASURED:
         for run in json.loads((RESULTS / name).read_text())["results"]:
             if run["who"] == "finetune" and run.get("peak_gpu_mib") and run["variant"] in variants:
-                yield pytest.param(arch, run, variants[run["variant"]], id=f"{arch}-{run['variant']}-{name[:10]}")
+                yield pytest.param(arch, run, variants[run["variant"]], id=f"{arch}-{run['variant']}-{name[:26]}")
 
 
 @pytest.fixture(scope="module")
