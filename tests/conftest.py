@@ -11,6 +11,10 @@ import pytest
 # worker (and in each process a test starts) made them fight over the cores: the suite took 296 s that way on a
 # 2-core machine, 208 s like this. Set before torch is imported, which reads it once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# bitsandbytes' CPU fallback for 4-bit dequantization (model.quantize_unet=nf4_all's tests) goes through
+# torch.compile, which compiles a kernel per weight shape on the CPU: 18 s for one test. Nothing here compiles on
+# purpose, so the tests run eagerly, as the GPU path (a CUDA kernel) does anyway.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the Hub; fail fast if it tries
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
