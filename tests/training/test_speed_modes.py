@@ -111,3 +111,36 @@ def test_nf4_without_a_gpu_is_one_line_and_writes_nothing(tiny_sd1, photos, tmp_
     assert code != 0
     assert "model.quantize_unet=nf4 needs a CUDA GPU" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_graphs_record_once_replay_that_shape_and_fall_back_eagerly(tiny_sd1, monkeypatch, caplog):
+    """fast mode's graph path on a (pretend) CUDA device: make_graphed_callables stands in with a recorder whose
+    replays run the module; a second shape runs eagerly; a failed recording leaves the eager path, said once."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet")
+    unet.requires_grad_(False)
+    events: list = []
+
+    def record(module, samples, num_warmup_iters):
+        events.append(("record", tuple(samples[0].shape)))
+        return lambda *inputs: events.append("replay") or module(*inputs)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", record)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    emb = torch.randn(1, 77, unet.config.cross_attention_dim)
+    forward = UNetForward(unet, torch.float32, use_graphs=True)
+    small, large = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        first, again = forward(small, torch.tensor([5]), emb), forward(small, torch.tensor([5]), emb)
+        other = forward(large, torch.tensor([5]), emb)
+        assert torch.equal(first, unet(small, 5, emb).sample) and torch.equal(first, again)
+        assert torch.equal(other, unet(large, 5, emb).sample)
+    assert events == [("record", (1, 4, 8, 8)), "replay", "replay"]  # the other shape: no recording, no replay
+
+    def failing(module, samples, num_warmup_iters):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    eager = UNetForward(unet, torch.float32, use_graphs=True)
+    with torch.no_grad():
+        assert torch.equal(eager(small, torch.tensor([5]), emb), first) and eager.use_graphs is False
+    assert caplog.text.count("recording the U-Net as a CUDA graph failed (operation not permitted when stream is "
+                             "capturing); training eagerly") == 1
