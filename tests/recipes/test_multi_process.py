@@ -43,6 +43,13 @@ def launch(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def failure(run: subprocess.CompletedProcess) -> str:
+    """What a failed launch said: each process's own error lines first (the launcher's traceback, which names only
+    the rank that died, comes after them and fills the tail), then the tail."""
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower() and "Traceback" not in line]
+    return "\n".join(errors[:20]) + "\n...\n" + run.stderr[-1500:]
+
+
 def lora_states(checkpoint: Path) -> list[dict[str, torch.Tensor]]:
     return [load_file(checkpoint / f"lora_{i}.safetensors") for i in range(2)]
 
@@ -68,7 +75,7 @@ def test_two_processes_split_class_images_and_train_like_one_process_with_twice_
     # 2 processes x batch 1, through the real CLI and the shipped launch config.
     two = launch("-m", "finetune", "train", SD15, *overrides, f"output_dir={tmp_path / 'two'}",
                  "train.batch_size=1")
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, failure(two)
     # Class images: the two missing ones (indices 0 and 2: the gaps), one per process, none twice.
     assert "class images generated per process: process 0: [0]; process 1: [2]" in two.stderr
     names = sorted(p.name for p in class_dir.glob("*.png"))
@@ -115,7 +122,7 @@ def test_two_processes_take_whole_buckets_and_train_sdxl_like_one_process_accumu
         "train.max_steps": 2, "data.random_flip": "true", "data.caption_dropout": 0.3, "export.kohya": "false",
         "lora.unet_targets": "cross_attention"})
     two = launch("-m", "finetune", "train", SDXL, *overrides, f"output_dir={tmp_path / 'two'}")
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, failure(two)
     assert "photos: 7 used" in two.stderr
     _, cfg = load_recipe_config(SDXL, [*overrides, f"output_dir={tmp_path / 'one'}", "train.gradient_accumulation=2"])
     sdxl_dreambooth_lora.main(cfg)
@@ -146,7 +153,7 @@ def test_two_processes_keep_the_same_ema_masks_and_pivotal_rows_as_one_with_twic
         "lora.pivotal": "true", "lora.pivotal_word": "sks", "lora.pivotal_stop_step": 2,
         "lora.pivotal_learning_rate": 1e-2, "data.caption_dropout": 0})
     two = launch("-m", "finetune", "train", SD15, *overrides, f"output_dir={tmp_path / 'two'}", "train.batch_size=1")
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, failure(two)
     _, cfg = load_recipe_config(SD15, [*overrides, f"output_dir={tmp_path / 'one'}", "train.batch_size=2"])
     dreambooth_lora.main(cfg)
     for name in (EXPORT, NO_EMA_WEIGHT_NAME, EMBEDDINGS):
