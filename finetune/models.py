@@ -142,13 +142,18 @@ class NF4Storage(torch.nn.Module):
         return dequantize_4bit(packed, state)
 
 
+def nf4_convolutions(unet: torch.nn.Module) -> list[torch.nn.Conv2d]:
+    """The convolutions model.quantize_unet=nf4_all stores in NF4: all but the edge ones."""
+    return [module for name, module in unet.named_modules()
+            if isinstance(module, torch.nn.Conv2d) and name not in EDGE_CONVOLUTIONS]
+
+
 def store_convolutions_in_nf4(unet: torch.nn.Module) -> int:
-    """Keep the frozen U-Net's convolution weights (all but the edge ones) in NF4; returns how many were stored.
+    """Keep the frozen U-Net's nf4_convolutions in NF4; returns how many were stored.
 
     One layer at a time, so the full-precision copies never coexist with the packed ones (quantizing all first
     measured a 290 MiB higher training peak on the H200: BENCHMARKS.md)."""
-    convolutions = [module for name, module in unet.named_modules()
-                    if isinstance(module, torch.nn.Conv2d) and name not in EDGE_CONVOLUTIONS]
+    convolutions = nf4_convolutions(unet)
     for conv in convolutions:
         conv.weight.requires_grad_(False)  # frozen; and 4-bit storage is an integer tensor, which has no gradient
         parametrize.register_parametrization(conv, "weight", NF4Storage(), unsafe=True)

@@ -87,7 +87,7 @@ def read_architecture(model_dir: str, unet_targets: str) -> Architecture:
 
     from .family import decide, folder_facts
     from .lora import UNET_TARGETS
-    from .models import EDGE_CONVOLUTIONS
+    from .models import nf4_convolutions
 
     root = Path(model_dir)
     if not (root / "unet" / "config.json").is_file():
@@ -104,8 +104,7 @@ def read_architecture(model_dir: str, unet_targets: str) -> Architecture:
     return Architecture(
         unet_params=sum(p.numel() for p in unet.parameters()),
         unet_linear_params=sum(m.weight.numel() for _, m in linears),
-        unet_conv_params=sum(m.weight.numel() for name, m in unet.named_modules()
-                             if isinstance(m, torch.nn.Conv2d) and name not in EDGE_CONVOLUTIONS),
+        unet_conv_params=sum(conv.weight.numel() for conv in nf4_convolutions(unet)),
         text_encoder_params=sum(p.numel() for e in encoders for p in e.parameters()),
         vae_params=sum(p.numel() for p in vae.parameters()),
         family=family.base,
