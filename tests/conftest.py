@@ -9,7 +9,7 @@ import pytest
 
 # One thread per process: pytest-xdist runs a worker per core, and torch's default of a thread per core in each
 # worker (and in each process a test starts) made them fight over the cores: the suite took 296 s that way on a
-# 2-core machine, 208 s like this. Set before torch is imported, which reads it once.
+# 2-core machine, 187 s like this. Set before torch is imported, which reads it once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # bitsandbytes' CPU fallback for 4-bit dequantization (model.quantize_unet=nf4_all's tests) goes through
 # torch.compile, which compiles a kernel per weight shape on the CPU: 18 s for one test. Nothing here compiles on
@@ -18,15 +18,6 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the Hub; fail fast if it tries
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-
-
-# The two longest tests (30-50 s each, mostly fresh processes' imports): started first, one on each worker, so that
-# neither is left running alone at the end. Whole modules move, so module-scoped fixtures are still built once.
-STARTED_FIRST = ("tests/test_bench.py", "tests/test_benchmarks.py")
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in STARTED_FIRST)
 
 
 @pytest.fixture(scope="session")
