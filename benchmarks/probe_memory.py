@@ -64,6 +64,7 @@ def measure_load(how: str, model: str, quantized: str) -> dict:
 def measure_nf4_step(how: str, model: str, latent: int) -> dict:
     import torch
     import torch.nn.functional as F
+    from diffusers.training_utils import cast_training_params
 
     from finetune.config import LoraConfig, ModelConfig
     from finetune.lora import add_unet_lora, lora_parameters
@@ -82,10 +83,8 @@ def measure_nf4_step(how: str, model: str, latent: int) -> dict:
     add_unet_lora(unet, LoraConfig(rank=4, unet_targets="all_attention"))
     unet.enable_gradient_checkpointing()
     unet.train()
-    params = lora_parameters(unet)
-    for p in params:
-        p.data = p.data.float()
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    cast_training_params(unet, dtype=torch.float32)  # fp32 LoRA on the bf16 U-Net, as the recipe trains it
+    optimizer = torch.optim.AdamW(lora_parameters(unet), lr=1e-4)
     g = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(2, 4, latent, latent, device="cuda", generator=g)
     emb = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", generator=g)
