@@ -135,12 +135,20 @@ def generate_classes(arch: str, model: Path, folder: Path) -> dict:
             "class_images_settings": f"dpm++ {steps} steps, batch 8"}
 
 
-def run_ours(arch: str, data: dict, steps: int, name: str, overrides: list[str], work: Path) -> dict:
+def launcher(how: str, arch: str) -> list[str]:
+    """`accelerate launch` (README's first command) or `finetune train` without it (the single-GPU command)."""
+    if how == "direct":
+        return [sys.executable, "-m", "finetune"]
+    precision = "no" if arch == "tiny" else "fp16"
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "finetune"]
+
+
+def run_ours(arch: str, data: dict, steps: int, name: str, overrides: list[str], work: Path,
+             launch: str = "accelerate") -> dict:
     out = work / f"ours-{arch}-{name}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    precision = "no" if arch == "tiny" else "fp16"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "finetune", "train", CONFIGS[arch],
+    cmd = [*launcher(launch, arch), "train", CONFIGS[arch],
            f"model.pretrained={data['model']}", f"data.instance_dir={data['photos']}",
            f"data.class_dir={data['classes']}", "data.instance_prompt=a photo of sks dog",
            "data.class_prompt=a photo of dog", f"train.max_steps={steps}", "train.checkpoint_every=0",
@@ -159,16 +167,26 @@ def run_ours(arch: str, data: dict, steps: int, name: str, overrides: list[str],
             "cuda_graphs": summary.get("cuda_graphs"), "optimizer": summary.get("optimizer"), "steps": steps,
             "setup_s": summary.get("setup_seconds"), "train_s": summary.get("train_seconds"),
             "phase_s": summary.get("phase_seconds"), "phase_peak_reserved_mib": summary.get("phase_peak_reserved_mib"),
-            "wall_s": round(wall, 1), "command": "accelerate launch " + " ".join(shlex.quote(c) for c in cmd[3:])}
+            "wall_s": round(wall, 1), "command": ("accelerate launch " + shlex.join(cmd[3:]) if launch == "accelerate"
+                                                  else "finetune " + shlex.join(cmd[3:]))}
 
 
-def run_end_to_end(arch: str, data: dict, steps: int, work: Path) -> dict:
+def run_end_to_end(arch: str, data: dict, steps: int, work: Path, launch: str) -> dict:
     """The whole standard job from an empty class folder: generate, train, export; timed from process start."""
     fresh = work / f"class-{arch}-e2e"
     subprocess.run(["rm", "-rf", str(fresh)], check=True)
-    result = run_ours(arch, {**data, "classes": fresh}, steps, "e2e", OURS["fast"], work)
+    result = run_ours(arch, {**data, "classes": fresh}, steps, f"e2e_{launch}", OURS["fast"], work, launch)
     result["class_images_made"] = len(list(fresh.glob("*.png")))
     return result
+
+
+def run_peer_end_to_end(arch: str, data: dict, steps: int, work: Path, peer_dir: Path) -> dict:
+    """The peer on the same whole job: an empty class folder, which its script fills itself, then training."""
+    fresh = work / f"class-{arch}-peer-e2e"
+    subprocess.run(["rm", "-rf", str(fresh)], check=True)
+    fresh.mkdir()
+    result = run_peer(arch, {**data, "classes": fresh}, steps, "e2e", PEER["default"], peer_dir)
+    return {**result, "class_images_made": len(list(fresh.glob("*.*")))}
 
 
 def run_drawing(arch: str, data: dict, steps: int, name: str, work: Path) -> dict:
@@ -246,10 +264,17 @@ def main():
     parser.add_argument("--peer", default="default", help=f"comma-separated variants of the peer: {', '.join(PEER)}")
     parser.add_argument("--e2e-steps", type=int, default=0, help="also time the whole job (fast mode) at this many "
                                                                    "steps from an empty class folder")
+    parser.add_argument("--e2e-launch", default="direct",
+                        help="the end-to-end runs' commands, comma-separated: direct (finetune train) and/or "
+                             "accelerate (accelerate launch)")
+    parser.add_argument("--peer-e2e", action="store_true", help="also time the peer on the end-to-end job")
     parser.add_argument("--classes-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--rows-to", default=None, help="append the markdown rows to this file (BENCHMARKS.md)")
     args = parser.parse_args()
+    launches = args.e2e_launch.split(",")
+    if not set(launches) <= {"direct", "accelerate"}:
+        parser.error(f"--e2e-launch: {args.e2e_launch!r}; use direct, accelerate or both, comma-separated")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.classes_only:
@@ -271,8 +296,11 @@ def main():
     for name in filter(None, args.ours.split(",")):
         record(run_ours(args.arch, data, args.steps, name, OURS[name], work) if name not in DRAWS else
                run_drawing(args.arch, data, args.steps, name, work))
+    if args.e2e_steps and args.peer_e2e and args.peer_dir:
+        record(run_peer_end_to_end(args.arch, data, args.e2e_steps, work, Path(args.peer_dir)))
     if args.e2e_steps:
-        record(run_end_to_end(args.arch, data, args.e2e_steps, work))
+        for launch in launches:
+            record(run_end_to_end(args.arch, data, args.e2e_steps, work, launch))
     rows = markdown_rows(args.arch, report["results"], meta)
     print("\n".join(rows))
     if args.rows_to:  # BENCHMARKS.md: the rows go under the results table's heading, newest last

@@ -9,8 +9,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_benchmark_runs_our_recipe_end_to_end_on_a_tiny_model(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--arch", "tiny", "--steps", "4", "--work",
-                           str(tmp_path), "--out", str(out), "--rows-to", str(tmp_path / "BENCHMARKS.md")],
+    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--arch", "tiny", "--steps", "4", "--e2e-steps", "2",
+                           "--work", str(tmp_path), "--out", str(out), "--rows-to", str(tmp_path / "BENCHMARKS.md")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -20,6 +20,11 @@ def test_benchmark_runs_our_recipe_end_to_end_on_a_tiny_model(tmp_path):
     assert ours["command"].startswith("accelerate launch ") and "finetune train" in ours["command"]
     assert len(list((tmp_path / "class-tiny").glob("*.png"))) == 8
     assert (tmp_path / "ours-tiny-fast" / "pytorch_lora_weights.safetensors").is_file()
+    # the end-to-end run: the single-GPU command without Accelerate's launcher, from an empty class folder
+    e2e = report["results"][1]
+    assert e2e["variant"] == "e2e_direct" and e2e["rc"] == 0 and e2e["class_images_made"] == 8
+    assert e2e["command"].startswith("finetune train ") and e2e["phase_s"]["class images"] > 0
+    assert (tmp_path / "ours-tiny-e2e_direct" / "pytorch_lora_weights.safetensors").is_file()
     rows = (tmp_path / "BENCHMARKS.md").read_text().splitlines()
     assert rows[1].startswith("<!-- bench.py ")
     assert rows[2].startswith(f"| {report['meta']['date']} | cpu | tiny fast |")
