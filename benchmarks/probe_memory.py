@@ -4,6 +4,8 @@
     python benchmarks/probe_memory.py class-images --model /tmp/finetune-bench/model-sd15 --out classes.json
     python benchmarks/probe_memory.py imports --out imports.json
     python benchmarks/probe_memory.py nf4-convs --model /tmp/finetune-bench/model-sd15 --out convs.json
+    python benchmarks/probe_memory.py layouts --model /tmp/finetune-bench/model-sd15 --out layouts.json
+    python benchmarks/probe_memory.py recordings --model /tmp/finetune-bench/model-sd15 --out recordings.json
 
 `unet-load` loads the SDXL U-Net in NF4 three ways, each in a process of its own (so each peak is its own):
 quantized while it loads (what diffusers' bitsandbytes loader does from a bf16/fp16 folder), loaded from a folder
@@ -12,7 +14,11 @@ that holds it already quantized (diffusers' `save_pretrained` of the 4-bit model
 several (steps, batch) settings and reports seconds per image and the reserved peak. `imports` times what the CLI
 imports before it does anything. `nf4-convs` loads the U-Net with model.quantize_unet=nf4 and nf4_all (each in a
 process of its own, expandable segments on as in low_memory) and takes an eager and a CUDA-graph training step
-with checkpointing at batch 2: memory after loading, what autograd saves in the forward, each step's peak.
+with checkpointing at batch 2: memory after loading, what autograd saves in the forward, each step's peak, the
+device memory outside PyTorch's allocator, and each memory pool's segments after the CUDA-graph recording.
+`layouts` draws class images and takes fast-mode training steps with the U-Net in channels-last memory format
+and/or cuDNN's autotuner on, each in a process of its own. `recordings` records an nf4_all U-Net's training step
+as CUDA graphs in four ways (measure_recording says which) and reports each memory pool before and after.
 """
 from __future__ import annotations
 
@@ -26,6 +32,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The layout probe also runs on a CPU on a tiny model (a dry run of the script; its timings mean nothing there).
+DEVICE = "cuda" if os.environ.get("PROBE_DEVICE", "cuda") == "cuda" else "cpu"
+
+
+def synchronize() -> None:
+    import torch
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def measure_load(how: str, model: str, quantized: str) -> dict:
@@ -75,6 +89,7 @@ def measure_nf4_step(how: str, model: str, latent: int) -> dict:
     out: dict = {"quantize_unet": how}
     unet = load_nf4_unet(ModelConfig(pretrained=model, quantize_unet=how), torch.bfloat16)
     out["loaded_allocated_mib"] = round(torch.cuda.memory_allocated() / mib)
+    out["loaded_outside_torch_mib"] = outside_torch_mib()
     if how == "nf4_all":
         out["convolutions_stored"] = store_convolutions_in_nf4(unet)
     torch.cuda.empty_cache()
@@ -110,6 +125,9 @@ def measure_nf4_step(how: str, model: str, latent: int) -> dict:
             out["eager_saved_in_forward_mib"] = round(sum(saved) / mib)
         out[f"{name}_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / mib)
         out[f"{name}_peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / mib)
+        out[f"{name}_outside_torch_mib"] = outside_torch_mib()
+        if use_graphs:
+            out["pools_after_recording"] = pools(torch.cuda.memory_snapshot())
         t0 = time.perf_counter()
         for _ in range(10):
             loss = F.mse_loss(forward(x, t, emb).float(), x)
@@ -121,16 +139,222 @@ def measure_nf4_step(how: str, model: str, latent: int) -> dict:
     return out
 
 
+def outside_torch_mib() -> int:
+    """Device memory in use that PyTorch's allocator does not hold: the CUDA context, libraries' code and handles."""
+    import torch
+    free, total = torch.cuda.mem_get_info()
+    return round((total - free - torch.cuda.memory_reserved()) / 2**20)
+
+
+def pools(snapshot: list[dict]) -> list[dict]:
+    """Per memory pool (the default one and each CUDA graph's): segments, their size, what is allocated in them,
+    and the largest segments, in MiB."""
+    by_pool: dict = {}
+    for segment in snapshot:
+        pool = by_pool.setdefault(str(segment.get("segment_pool_id")), {"segments": 0, "total": 0, "allocated": 0,
+                                                                      "sizes": []})
+        pool["segments"] += 1
+        pool["total"] += segment["total_size"]
+        pool["allocated"] += segment["allocated_size"]
+        pool["sizes"].append(segment["total_size"])
+    return [{"pool": key, "segments": v["segments"], "total_mib": round(v["total"] / 2**20),
+             "allocated_mib": round(v["allocated"] / 2**20),
+             "largest_mib": [round(size / 2**20, 1) for size in sorted(v["sizes"], reverse=True)[:8]]}
+            for key, v in by_pool.items()]
+
+
 def nf4_convs(args) -> list[dict]:
     results = []
-    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    for how in ("nf4", "nf4_all"):
+    for how, alloc in (("nf4", "expandable_segments:True"), ("nf4_all", "expandable_segments:True"),
+                       ("nf4_all", "expandable_segments:False")):
+        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": alloc}
         proc = subprocess.run([sys.executable, __file__, "nf4-step-one", "--how", how, "--model", args.model,
                                "--latent", str(args.latent)], capture_output=True, text=True, env=env)
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
-                       {"quantize_unet": how, "error": proc.stderr[-2000:]})
+        results.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "alloc_conf": alloc}
+                       if proc.returncode == 0 else {"quantize_unet": how, "error": proc.stderr[-2000:]})
         print(json.dumps(results[-1]), flush=True)
     return results
+
+
+def measure_recording(how: str, model: str, latent: int) -> dict:
+    """An nf4_all U-Net's CUDA-graph training step, recorded one of four ways, in a fresh process (no eager step
+    before it, as in training): where each memory pool stands before and after recording, and the peak.
+
+    torch: make_graphed_callables with its own 3 warm-up calls (on a side stream), as unet_call does now.
+    own_warmup: 3 warm-up calls of ours on a side stream, everything they made let go and the cache emptied, then
+    make_graphed_callables with no warm-up of its own. one_warmup: torch's warm-up, once instead of 3 times.
+    pool_warmup: our warm-up calls inside the memory pool that the graphs are then recorded into.
+    """
+    import gc
+
+    import torch
+    import torch.nn.functional as F
+    from diffusers.training_utils import cast_training_params
+
+    from finetune.config import LoraConfig, ModelConfig
+    from finetune.lora import add_unet_lora, lora_parameters
+    from finetune.models import load_nf4_unet, store_convolutions_in_nf4
+    from finetune.training.unet_call import UNetOnTensors
+
+    mib = 2**20
+    unet = load_nf4_unet(ModelConfig(pretrained=model, quantize_unet="nf4_all"), torch.bfloat16)
+    store_convolutions_in_nf4(unet)
+    add_unet_lora(unet, LoraConfig(rank=4, unet_targets="all_attention"))
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    cast_training_params(unet, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(lora_parameters(unet), lr=1e-4)
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(2, 4, latent, latent, device="cuda", generator=g)
+    emb = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", generator=g, dtype=torch.bfloat16)
+    t = torch.tensor([10, 500], device="cuda")
+    samples = (x.to(torch.bfloat16).requires_grad_(False), t, emb)
+    module = UNetOnTensors(unet)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    out: dict = {"recording": how, "before": pools(torch.cuda.memory_snapshot())}
+
+    def warm_up(times: int) -> None:
+        for _ in range(times):
+            prediction = module(*samples)
+            grads = torch.autograd.grad(prediction.float().square().mean(), lora_parameters(unet))
+            del prediction, grads
+    t0 = time.perf_counter()
+    pool = None
+    if how == "own_warmup":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            warm_up(3)
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
+        out["after_warmup"] = pools(torch.cuda.memory_snapshot())
+    elif how == "pool_warmup":
+        pool = torch.cuda.MemPool()
+        with torch.cuda.use_mem_pool(pool):
+            warm_up(3)
+        torch.cuda.synchronize()
+        gc.collect()
+        out["after_warmup"] = pools(torch.cuda.memory_snapshot())
+    warmups = {"torch": 3, "one_warmup": 1}.get(how, 0)
+    graphed = torch.cuda.make_graphed_callables(module, samples, num_warmup_iters=warmups,
+                                                **({"pool": pool.id} if pool is not None else {}))
+    torch.cuda.synchronize()
+    out["recording_s"] = round(time.perf_counter() - t0, 2)
+    out["after_recording"] = pools(torch.cuda.memory_snapshot())
+    gc.collect()
+    torch.cuda.empty_cache()
+    out["after_empty_cache"] = pools(torch.cuda.memory_snapshot())
+    out["recording_peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / mib)
+    out["recording_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / mib)
+    for count in (3, 20):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(count):
+            loss = F.mse_loss(graphed(*samples).float(), x)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+        torch.cuda.synchronize()
+    out["it_per_s"] = round(20 / (time.perf_counter() - t0), 2)
+    out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / mib)
+    out["end"] = pools(torch.cuda.memory_snapshot())
+    out["outside_torch_mib"] = outside_torch_mib()
+    out["device_used_mib"] = round((torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) / mib)
+    return out
+
+
+def recordings(args) -> list[dict]:
+    results = []
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for how in args.recordings.split(","):
+        proc = subprocess.run([sys.executable, __file__, "record-one", "--how", how, "--model", args.model,
+                               "--latent", str(args.latent)], capture_output=True, text=True, env=env)
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
+                       {"recording": how, "error": proc.stderr[-2500:]})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def measure_layout_step(layout: str, model: str, latent: int) -> dict:
+    """A fast-mode training step (bf16 U-Net, fp32 LoRA, CUDA graphs, batch 2) in a given memory layout."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import cast_training_params
+
+    from finetune.config import LoraConfig
+    from finetune.lora import add_unet_lora, lora_parameters
+    from finetune.training.unet_call import UNetForward
+
+    torch.backends.cudnn.benchmark = "benchmark" in layout
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=torch.bfloat16).to(DEVICE)
+    add_unet_lora(unet, LoraConfig(rank=4, unet_targets="all_attention"))
+    cast_training_params(unet, dtype=torch.float32)
+    memory_format = torch.channels_last if "channels_last" in layout else torch.contiguous_format
+    unet.to(memory_format=memory_format)
+    unet.train()
+    optimizer = torch.optim.AdamW(lora_parameters(unet), lr=1e-4, fused=True)
+    g = torch.Generator(DEVICE).manual_seed(0)
+    x = torch.randn(2, 4, latent, latent, device=DEVICE, generator=g).to(memory_format=memory_format)
+    emb = torch.randn(2, 77, unet.config.cross_attention_dim, device=DEVICE, generator=g)
+    t = torch.tensor([10, 500], device=DEVICE)
+    forward = UNetForward(unet, torch.bfloat16, use_graphs=DEVICE == "cuda")
+    out: dict = {"layout": layout}
+    for phase, count in (("warm", 5), ("timed", 40)):
+        synchronize()
+        t0 = time.perf_counter()
+        for _ in range(count):
+            loss = F.mse_loss(forward(x, t, emb).float(), x)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+        synchronize()
+        out[f"{phase}_s"] = round(time.perf_counter() - t0, 3)
+    out["it_per_s"] = round(40 / out["timed_s"], 2)
+    out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20) if DEVICE == "cuda" else None
+    return out
+
+
+def layouts(args) -> list[dict]:
+    """Drawing (20 steps x batch 8, as the shipped setting) and a fast-mode step, in each layout."""
+    results = []
+    for layout in args.layouts.split(","):
+        proc = subprocess.run([sys.executable, __file__, "layout-one", "--how", layout, "--model", args.model,
+                               "--latent", str(args.latent), "--count", str(args.count), "--work", args.work],
+                              capture_output=True, text=True)
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
+                       {"layout": layout, "error": proc.stderr[-2000:]})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def measure_layout(layout: str, model: str, latent: int, count: int, work: str) -> dict:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from finetune.config import ModelConfig, PriorConfig
+    from finetune.data.class_images import generate_class_images
+    from finetune.models import load_pipeline
+
+    torch.backends.cudnn.benchmark = "benchmark" in layout
+    pipe = load_pipeline(ModelConfig(pretrained=model), StableDiffusionPipeline, dtype=torch.bfloat16).to(DEVICE)
+    if "channels_last" in layout:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    prior = PriorConfig(num_class_images=count, generation_batch_size=8, generation_steps=20)
+    folder = Path(work) / f"layout-{layout}"
+    generate_class_images(pipe, folder, "a photo of dog", prior, 8 * latent, 0, DEVICE, range(0, 8))  # warm-up
+    synchronize()
+    t0 = time.perf_counter()
+    generate_class_images(pipe, folder, "a photo of dog", prior, 8 * latent, 0, DEVICE, range(8, 8 + count))
+    synchronize()
+    drawing = {"s_per_image": round((time.perf_counter() - t0) / count, 4)}
+    del pipe
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return {**measure_layout_step(layout, model, latent), **drawing}
 
 
 def unet_load(args) -> list[dict]:
@@ -198,7 +422,11 @@ def imports(args) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["unet-load", "load-one", "class-images", "imports", "nf4-convs",
-                                         "nf4-step-one"])
+                                         "nf4-step-one", "layouts", "layout-one", "recordings", "record-one"])
+    parser.add_argument("--recordings", default="torch,own_warmup,one_warmup,pool_warmup",
+                        help="recordings: ways to record the CUDA graphs, comma-separated")
+    parser.add_argument("--layouts", default="plain,channels_last,benchmark,channels_last+benchmark",
+                        help="layouts: memory format and cuDNN autotuning, comma-separated")
     parser.add_argument("--latent", type=int, default=64, help="nf4-convs: latent size (64 for 512 px)")
     parser.add_argument("--model", default=None, help="a diffusers folder (benchmarks/models.py builds one)")
     parser.add_argument("--work", default="/tmp/probe-memory")
@@ -211,11 +439,18 @@ def main():
     if args.what == "load-one":
         print(json.dumps(measure_load(args.how, args.model, str(Path(args.work) / "unet-nf4"))))
         return
+    if args.what == "record-one":
+        print(json.dumps(measure_recording(args.how, args.model, args.latent)))
+        return
+    if args.what == "layout-one":
+        print(json.dumps(measure_layout(args.how, args.model, args.latent, args.count, args.work)))
+        return
     if args.what == "nf4-step-one":
         print(json.dumps(measure_nf4_step(args.how, args.model, args.latent)))
         return
     results = {"unet-load": unet_load, "class-images": class_images, "imports": imports,
-               "nf4-convs": nf4_convs}[args.what](args)
+               "nf4-convs": nf4_convs, "layouts": layouts,
+               "recordings": recordings}[args.what](args)
     Path(args.out).write_text(json.dumps(results, indent=2))
 
 
