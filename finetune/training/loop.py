@@ -93,7 +93,7 @@ def train_loop(cfg, run: Run, training: Training, plans: list, objective, checkp
                 validator.validate(step + 1)
     bar.close()
     summary = {**clock.summary(train.max_steps), **optimizer_state_summary(training.optimizer, training.params),
-               "mode": train.mode, "setup_seconds": round(setup_seconds, 2)}
+               "mode": train.mode, "channels_last": train.channels_last, "setup_seconds": round(setup_seconds, 2)}
     return LoopResult(summary, guard.skipped)
 
 

@@ -1,4 +1,5 @@
-"""model.quantize_unet=nf4_all on a tiny model: the U-Net's convolutions kept in NF4 and read back per call.
+"""model.quantize_unet=nf4_all on a tiny model: the U-Net's convolutions kept in NF4 and read back per call; and
+train.channels_last, which changes the layout of the convolutions nf4_all leaves plain.
 
 bitsandbytes' quantize_4bit/dequantize_4bit run on the CPU too, so the storage is real here; only the linear
 layers' 4-bit loading (diffusers' bitsandbytes quantizer, CUDA) is stood in for by a plain U-Net.
@@ -6,6 +7,7 @@ layers' 4-bit loading (diffusers' bitsandbytes quantizer, CUDA) is stood in for 
 from __future__ import annotations
 
 import copy
+import json
 
 import torch
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit
@@ -13,7 +15,9 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 import finetune.models as models
+import finetune.training.dreambooth as dreambooth
 from finetune.plan import read_architecture
+from finetune.training.dreambooth import to_channels_last
 from tests.helpers import SD15, tiny_overrides
 
 
@@ -76,3 +80,48 @@ def test_training_with_nf4_all_keeps_the_convolutions_in_4_bits_and_trains_the_l
     ups = [tensor for key, tensor in weights.items() if "lora_B" in key or "lora.up" in key]
     assert ups and all(torch.isfinite(t).all() for t in ups) and any(t.abs().sum() > 0 for t in ups)
     assert not any("parametrizations" in key for key in weights)
+
+
+def test_channels_last_changes_the_plain_convolutions_only_and_the_output_stays(tiny_sd1):
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet")
+    sample, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
+    models.store_convolutions_in_nf4(unet)
+    packed = {name: conv.parametrizations.weight.original0.clone() for name, conv in convolutions(unet).items()
+              if hasattr(conv, "parametrizations")}
+    with torch.no_grad():
+        before = unet(sample, 10, text).sample
+        to_channels_last(unet)
+        after = unet(sample, 10, text).sample
+    convs = convolutions(unet)
+    for name in ("conv_in", "conv_out"):  # 3x3 kernels: the two layouts differ, so this proves the change
+        weight = convs[name].weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    for name, original in packed.items():  # the 4-bit storage is read afresh each call: left exactly as it was
+        assert torch.equal(convs[name].parametrizations.weight.original0, original)
+    torch.testing.assert_close(after, before)  # same arithmetic in another memory order
+
+
+def test_training_with_channels_last_trains_that_layout_and_writes_the_same_lora(tiny_sd1, photos, tmp_path,
+                                                                                run_cli, monkeypatch):
+    trained: list = []
+
+    def recording(unet):
+        trained.append(unet)
+        to_channels_last(unet)
+    monkeypatch.setattr(dreambooth, "to_channels_last", recording)
+    files = {}
+    for layout in ("true", "false"):
+        out = tmp_path / layout
+        code, _, err = run_cli("train", SD15, *tiny_overrides(tiny_sd1, photos, out, **{
+            "train.channels_last": layout, "train.max_steps": 2, "prior.num_class_images": 0}))
+        assert code == 0, err
+        files[layout] = load_file(out / "run" / "pytorch_lora_weights.safetensors")
+        assert json.loads((out / "run" / "train_summary.json").read_text())["channels_last"] is (layout == "true")
+    [unet] = trained  # asked for once, by the run that set it
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert files["true"].keys() == files["false"].keys()
+    assert any(t.abs().sum() > 0 for key, t in files["true"].items() if "lora_B" in key or "lora.up" in key)
+    # The same arithmetic summed in another order: Adam moves each weight by about the learning rate (1e-3) a
+    # step, whatever the gradient's size, so the two may differ by a small part of one step (seen: 3e-6).
+    for key, tensor in files["true"].items():
+        torch.testing.assert_close(tensor, files["false"][key], rtol=1e-3, atol=1e-5)
