@@ -147,12 +147,12 @@ def outside_torch_mib() -> int:
 
 
 def pools(snapshot: list[dict]) -> list[dict]:
-    """Per memory pool (the default one and each CUDA graph's): segments, their size, what is allocated in them,
-    and the largest segments, in MiB."""
+    """Per memory pool (the default one and each CUDA graph's) and CUDA stream: segments, their size, what is
+    allocated in them, and the largest segments, in MiB. The stream tells a side stream's warm-up memory apart."""
     by_pool: dict = {}
     for segment in snapshot:
-        pool = by_pool.setdefault(str(segment.get("segment_pool_id")), {"segments": 0, "total": 0, "allocated": 0,
-                                                                      "sizes": []})
+        key = f"{segment.get('segment_pool_id')} stream {segment.get('stream')}"
+        pool = by_pool.setdefault(key, {"segments": 0, "total": 0, "allocated": 0, "sizes": []})
         pool["segments"] += 1
         pool["total"] += segment["total_size"]
         pool["allocated"] += segment["allocated_size"]
