@@ -239,10 +239,19 @@ def gpu_name() -> str:
 
 
 def markdown_rows(arch: str, results: list[dict], meta: dict) -> list[str]:
+    """A row per run of ours: steps against the peer's steps, and the end-to-end job's seconds against the peer's
+    on the same job (when it ran)."""
     peer = {r["variant"]: r for r in results if r["who"] == "peer" and r.get("it_per_s")}
+    peer_job = peer.pop("e2e", {})
     rows = []
     for r in results:
         if r["who"] != "finetune" or not r.get("it_per_s"):
+            continue
+        if r["variant"].startswith("e2e"):
+            ratio = peer_job["wall_s"] / r["wall_s"] if peer_job.get("wall_s") else float("nan")
+            rows.append(f"| {meta['date']} | {meta['gpu']} | {arch} {r['variant']} (whole job) | {r['wall_s']} s, "
+                        f"{r['peak_gpu_mib']} MiB | peer: {peer_job.get('wall_s')} s, {peer_job.get('peak_gpu_mib')} "
+                        f"MiB | {ratio:.2f}x faster |")
             continue
         p = peer.get("default") or next(iter(peer.values()), {})  # the peer's variant of this run
         ratio = r["it_per_s"] / p["it_per_s"] if p.get("it_per_s") else float("nan")
@@ -275,6 +284,8 @@ def main():
     launches = args.e2e_launch.split(",")
     if not set(launches) <= {"direct", "accelerate"}:
         parser.error(f"--e2e-launch: {args.e2e_launch!r}; use direct, accelerate or both, comma-separated")
+    if args.peer_e2e and not (args.e2e_steps and args.peer_dir):
+        parser.error("--peer-e2e: needs --e2e-steps (the job's steps) and --peer-dir (the peer's scripts)")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.classes_only:
@@ -296,7 +307,7 @@ def main():
     for name in filter(None, args.ours.split(",")):
         record(run_ours(args.arch, data, args.steps, name, OURS[name], work) if name not in DRAWS else
                run_drawing(args.arch, data, args.steps, name, work))
-    if args.e2e_steps and args.peer_e2e and args.peer_dir:
+    if args.peer_e2e:
         record(run_peer_end_to_end(args.arch, data, args.e2e_steps, work, Path(args.peer_dir)))
     if args.e2e_steps:
         for launch in launches:

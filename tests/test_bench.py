@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.bench import markdown_rows
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,3 +30,14 @@ def test_benchmark_runs_our_recipe_end_to_end_on_a_tiny_model(tmp_path):
     rows = (tmp_path / "BENCHMARKS.md").read_text().splitlines()
     assert rows[1].startswith("<!-- bench.py ")
     assert rows[2].startswith(f"| {report['meta']['date']} | cpu | tiny fast |")
+    assert rows[3].startswith(f"| {report['meta']['date']} | cpu | tiny e2e_direct (whole job) | {e2e['wall_s']} s,")
+
+
+def test_rows_compare_steps_with_the_peers_steps_and_the_whole_job_with_the_peers_whole_job():
+    results = [{"who": "peer", "variant": "default", "it_per_s": 3.0, "peak_gpu_mib": 6000, "wall_s": 80},
+               {"who": "peer", "variant": "e2e", "it_per_s": 3.1, "peak_gpu_mib": 7000, "wall_s": 200},
+               {"who": "finetune", "variant": "fast", "it_per_s": 24.0, "peak_gpu_mib": 4800, "wall_s": 40},
+               {"who": "finetune", "variant": "e2e_direct", "it_per_s": 24.0, "peak_gpu_mib": 4900, "wall_s": 62.5}]
+    assert markdown_rows("sd15", results, {"date": "D", "gpu": "G"}) == [
+        "| D | G | sd15 fast | 24.00 it/s, 4800 MiB | default: 3.0 it/s, 6000 MiB | 8.00x speed, 0.80x memory |",
+        "| D | G | sd15 e2e_direct (whole job) | 62.5 s, 4900 MiB | peer: 200 s, 7000 MiB | 3.20x faster |"]
