@@ -113,7 +113,8 @@ def train(cfg: DreamBoothConfig, kind: ModelKind, recipe: str) -> Result:
                           validation_scorer(cfg, run.instance, run.accelerator), cfg.validation.prompts)
     with phase("training") as training_phase:
         result = train_loop(cfg, run, training, plans, objective, checkpointer, validator)
-        training_phase.add(steps_done(run.start, result.summary))
+        training_phase.add(steps_done(run.start, result.summary, unet_call.recording_seconds))
+    phase.split_off("training", "graph recording", unet_call.recording_seconds)  # a split entry of its own
 
     # 5. The end: final checkpoint, the diffusers file, summary, base-vs-LoRA grid, kohya file, card, upload.
     summary = {**result.summary, "cuda_graphs": unet_call.use_graphs}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..console import plural
+from ..console import plural, seconds
 from ..export.diffusers_format import WEIGHT_NAME
 from ..run_files import BEFORE_AFTER, SAMPLES
 
@@ -12,15 +12,16 @@ log = logging.getLogger("finetune")
 CARD = "README.md"
 
 
-def steps_done(start: int, summary: dict) -> str:
+def steps_done(start: int, summary: dict, recording_seconds: float = 0.0) -> str:
     """What the training phase did: the steps this run took and the speed after warm-up (none for a run resumed
-    at its last step, which had nothing left to do)."""
+    at its last step, which had nothing left to do), and the time its first step spent recording CUDA graphs."""
     done, total = summary["steps_this_run"], summary["steps"]
     if not done:
         return (f"nothing to do, the checkpoint is at step {total} = train.max_steps (raise train.max_steps to "
                 "train further)")
     rate = summary.get("steady_it_per_s")
-    return f"{plural(done, 'step')} ({start + 1} to {total})" + (f", {rate:g} it/s after warm-up" if rate else "")
+    return (f"{plural(done, 'step')} ({start + 1} to {total})" + (f", {rate:g} it/s after warm-up" if rate else "")
+            + (f"; {seconds(recording_seconds)} of it recording the U-Net as CUDA graphs" if recording_seconds else ""))
 
 
 def finished_run_lines(output_dir: str | Path, written: list[Path], checkpoint: Path, summary: dict,

@@ -9,6 +9,7 @@ as the fallback.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -78,6 +79,7 @@ class UNetForward:
         self.unet = unet
         self.graphed: Callable | None = None
         self.recorded_for: tuple | None = None  # (shape, dtype, requires_grad) of each input the graph was made for
+        self.recording_seconds = 0.0  # warm-up and recording, inside the first step: reported apart from the steps
 
     def __call__(self, noisy, timesteps, embeddings, *added) -> torch.Tensor:
         inputs = (noisy.to(self.dtype), timesteps, embeddings.to(self.dtype), *(a.to(self.dtype) for a in added))
@@ -85,7 +87,9 @@ class UNetForward:
             return self.unet(*inputs[:3], return_dict=False, **added_conditioning(inputs[3:]))[0]
         key = tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in inputs)
         if self.graphed is None:
+            started = time.perf_counter()
             self.graphed, self.recorded_for = self._record(inputs), key
+            self.recording_seconds = time.perf_counter() - started
             self.use_graphs = self.graphed is not None
         if self.graphed is not None and self.use_graphs and key == self.recorded_for:
             return self.graphed(*inputs)

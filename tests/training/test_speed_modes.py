@@ -7,6 +7,7 @@ when graphs are refused and why, and that a fast-mode run trains and says what i
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -134,6 +135,7 @@ def test_graphs_record_once_replay_that_shape_and_fall_back_eagerly(tiny_sd1, mo
         assert torch.equal(first, unet(small, 5, emb).sample) and torch.equal(first, again)
         assert torch.equal(other, unet(large, 5, emb).sample)
     assert events == [("record", (1, 4, 8, 8)), "replay", "replay"]  # the other shape: no recording, no replay
+    assert forward.recording_seconds > 0  # timed, for the split's "graph recording"
 
     def failing(module, samples, num_warmup_iters):
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
@@ -144,3 +146,31 @@ def test_graphs_record_once_replay_that_shape_and_fall_back_eagerly(tiny_sd1, mo
         assert torch.equal(eager(small, torch.tensor([5]), emb), first) and eager.use_graphs is False
     assert caplog.text.count("recording the U-Net as a CUDA graph failed (operation not permitted when stream is "
                              "capturing); training eagerly") == 1
+
+
+def test_graph_recording_is_a_split_entry_of_its_own(tiny_sd1, photos, tmp_path, run_cli, monkeypatch, caplog):
+    """The recipe's path with graphs on (a stand-in recorder that takes 0.3 s): the recording's time leaves the
+    training phase for an entry of its own in phase_seconds, and the training line says it."""
+    import time
+
+    import finetune.training.unet_call as unet_call
+
+    def record(module, samples, num_warmup_iters):
+        time.sleep(0.3)
+        return module
+    monkeypatch.setattr(unet_call, "graphs_usable", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", record)
+    code, _, err = run_cli("train", SD15, *tiny_overrides(tiny_sd1, photos, tmp_path, **{
+        "train.max_steps": 2, "prior.num_class_images": 0}))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    split = summary["phase_seconds"]
+    assert summary["cuda_graphs"] is True and 0.3 <= split["graph recording"] < 5
+    assert list(split)[list(split).index("training") + 1] == "graph recording"
+    # The training line gives the whole phase: its steps and the recording, which the split now holds apart.
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training: ")]
+    said = re.search(r"; ([0-9.]+) s of it recording the U-Net as CUDA graphs \(([0-9.]+) s\)", line)
+    recorded, whole = (float(value) for value in said.groups())
+    printed = 0.06 if whole < 10 else 0.6  # the line rounds to 0.1 s under 10 s, to 1 s above
+    assert abs(recorded - split["graph recording"]) <= 0.06
+    assert abs(whole - (split["training"] + split["graph recording"])) <= printed
