@@ -18,7 +18,7 @@ with checkpointing at batch 2: memory after loading, what autograd saves in the 
 device memory outside PyTorch's allocator, and each memory pool's segments after the CUDA-graph recording.
 `layouts` draws class images and takes fast-mode training steps with the U-Net in channels-last memory format
 and/or cuDNN's autotuner on, each in a process of its own. `recordings` records an nf4_all U-Net's training step
-as CUDA graphs in four ways (measure_recording says which) and reports each memory pool before and after.
+as CUDA graphs in five ways (measure_recording says which) and reports each memory pool before and after.
 """
 from __future__ import annotations
 
@@ -177,13 +177,14 @@ def nf4_convs(args) -> list[dict]:
 
 
 def measure_recording(how: str, model: str, latent: int) -> dict:
-    """An nf4_all U-Net's CUDA-graph training step, recorded one of four ways, in a fresh process (no eager step
+    """An nf4_all U-Net's CUDA-graph training step, recorded one of five ways, in a fresh process (no eager step
     before it, as in training): where each memory pool stands before and after recording, and the peak.
 
     torch: make_graphed_callables with its own 3 warm-up calls (on a side stream), as unet_call does now.
     own_warmup: 3 warm-up calls of ours on a side stream, everything they made let go and the cache emptied, then
-    make_graphed_callables with no warm-up of its own. one_warmup: torch's warm-up, once instead of 3 times.
-    pool_warmup: our warm-up calls inside the memory pool that the graphs are then recorded into.
+    make_graphed_callables with no warm-up of its own. main_warmup: the same on the main stream, not a side one.
+    one_warmup: torch's warm-up, once instead of 3 times. no_warmup: none at all (the recording may fail: lazy
+    initialisation inside a capture is an error; the failure is then the result).
     """
     import gc
 
@@ -220,9 +221,8 @@ def measure_recording(how: str, model: str, latent: int) -> dict:
             grads = torch.autograd.grad(prediction.float().square().mean(), lora_parameters(unet))
             del prediction, grads
     t0 = time.perf_counter()
-    pool = None
-    if how == "own_warmup":
-        side = torch.cuda.Stream()
+    if how in ("own_warmup", "main_warmup"):
+        side = torch.cuda.Stream() if how == "own_warmup" else torch.cuda.current_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             warm_up(3)
@@ -230,16 +230,8 @@ def measure_recording(how: str, model: str, latent: int) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
         out["after_warmup"] = pools(torch.cuda.memory_snapshot())
-    elif how == "pool_warmup":
-        pool = torch.cuda.MemPool()
-        with torch.cuda.use_mem_pool(pool):
-            warm_up(3)
-        torch.cuda.synchronize()
-        gc.collect()
-        out["after_warmup"] = pools(torch.cuda.memory_snapshot())
     warmups = {"torch": 3, "one_warmup": 1}.get(how, 0)
-    graphed = torch.cuda.make_graphed_callables(module, samples, num_warmup_iters=warmups,
-                                                **({"pool": pool.id} if pool is not None else {}))
+    graphed = torch.cuda.make_graphed_callables(module, samples, num_warmup_iters=warmups)
     torch.cuda.synchronize()
     out["recording_s"] = round(time.perf_counter() - t0, 2)
     out["after_recording"] = pools(torch.cuda.memory_snapshot())
@@ -423,7 +415,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["unet-load", "load-one", "class-images", "imports", "nf4-convs",
                                          "nf4-step-one", "layouts", "layout-one", "recordings", "record-one"])
-    parser.add_argument("--recordings", default="torch,own_warmup,one_warmup,pool_warmup",
+    parser.add_argument("--recordings", default="torch,own_warmup,main_warmup,one_warmup,no_warmup",
                         help="recordings: ways to record the CUDA graphs, comma-separated")
     parser.add_argument("--layouts", default="plain,channels_last,benchmark,channels_last+benchmark",
                         help="layouts: memory format and cuDNN autotuning, comma-separated")
