@@ -45,7 +45,10 @@ OURS = {"custom": [*SAME_JOB, "train.mode=custom"], "fast": [*SAME_JOB, "train.m
         "low_memory_draws": [*SAME_JOB, "train.mode=low_memory"],
         "low_memory_linear_nf4": [*SAME_JOB, "train.mode=low_memory", "model.quantize_unet=nf4"],
         "low_memory_all_nf4_eager": [*SAME_JOB, "train.mode=low_memory", "model.quantize_unet=nf4_all",
-                                     "train.cuda_graphs=false"]}
+                                     "train.cuda_graphs=false"],
+        "low_memory_all_nf4": [*SAME_JOB, "train.mode=low_memory", "model.quantize_unet=nf4_all"],
+        "fast_channels_last": [*SAME_JOB, "train.mode=fast", "train.channels_last=true"],
+        "low_memory_channels_last": [*SAME_JOB, "train.mode=low_memory", "train.channels_last=true"]}
 # Variants that draw this many class images into an empty folder first: the drawing phase's time and memory.
 DRAWS = {"low_memory_draws": 4}
 PEER = {"default": ["--use_8bit_adam"], "checkpointing": ["--use_8bit_adam", "--gradient_checkpointing"]}
