@@ -39,8 +39,9 @@ ACTIVATIONS_MIB = {"sd1": (1190, 550, 550, 512), "sd2": (1190, 550, 550, 512), "
 HALF, FP32 = 2, 4
 # model.quantize_unet=nf4_all without CUDA graphs keeps this share of those activations: 1318 MiB reserved in
 # training on the H200 (SD 1.5, batch 2, checkpointing) against the graph runs' 550 MiB per sample. Fitted on that
-# one run. With graphs the recording's pool held as much as a bf16 copy of the convolutions (2224 MiB reserved
-# against nf4's 2204), so there the U-Net counts as nf4's.
+# one run. With graphs the training peak stayed at nf4's (2224 MiB reserved against 2204): PyTorch's default pool
+# kept about one eager step's activations after the recording (BENCHMARKS.md, fourth session), so there the U-Net
+# counts as nf4's.
 EAGER_NF4_ALL_ACTIVATIONS = 0.77
 
 
@@ -124,9 +125,8 @@ def estimate(arch: Architecture, train, model, lora, prior, samples_per_step: in
     """Peak MiB of each phase and of the run (as nvidia-smi would show it) for these settings; `prompts_cached`:
     DreamBoothConfig.caches_prompt_embeddings (else the text encoders stay on the GPU through training)."""
     weight_bytes = FP32 if train.mixed_precision == "no" else HALF
-    all_nf4_eager = model.quantize_unet == "nf4_all" and not train.cuda_graphs
-    unet = unet_bytes(arch, "nf4" if model.quantize_unet == "nf4_all" and train.cuda_graphs else model.quantize_unet,
-                      weight_bytes)
+    counted_as = "nf4" if model.quantize_unet == "nf4_all" and train.cuda_graphs else model.quantize_unet
+    unet = unet_bytes(arch, counted_as, weight_bytes)
     pixels = (train.resolution / 512) ** 2
     vae_pixels = (min(train.resolution, TILE_PX) / 512) ** 2 if train.vae_tiling else pixels
     phases = {}
@@ -144,7 +144,7 @@ def estimate(arch: Architecture, train, model, lora, prior, samples_per_step: in
     per_sample = without if not train.gradient_checkpointing else (
         quantized_checkpointing if model.quantize_unet != "none" else with_checkpointing)
     activations = (per_sample * (train.resolution / reference_px) ** 2 * samples_per_step * MIB *
-                   (EAGER_NF4_ALL_ACTIVATIONS if all_nf4_eager else 1))
+                   (EAGER_NF4_ALL_ACTIVATIONS if counted_as == "nf4_all" else 1))
     # Per adapted layer: LoRA r(i + o); DoRA adds a magnitude per output; LoHa holds two such pairs; LoKr's factors
     # are smaller than LoRA's pair, which stays an upper bound for it.
     pairs = 2 if lora.type == "loha" else 1
