@@ -75,18 +75,18 @@ def measure_load(how: str, model: str, quantized: str) -> dict:
             if Path(quantized).is_dir() else None}
 
 
-def measure_nf4_step(how: str, model: str, latent: int) -> dict:
+def nf4_training_step_setup(how: str, model: str, latent: int, out: dict):
+    """A 4-bit U-Net (model.quantize_unet=how) with fp32 LoRA on every attention projection and checkpointing, as
+    low_memory trains it, an AdamW over the LoRA and a batch-2 input; the memory after loading and packing goes
+    into `out`. Returns (unet, optimizer, latents, text embeddings, timesteps)."""
     import torch
-    import torch.nn.functional as F
     from diffusers.training_utils import cast_training_params
 
     from finetune.config import LoraConfig, ModelConfig
     from finetune.lora import add_unet_lora, lora_parameters
     from finetune.models import load_nf4_unet, store_convolutions_in_nf4
-    from finetune.training.unet_call import UNetForward
 
     mib = 2**20
-    out: dict = {"quantize_unet": how}
     unet = load_nf4_unet(ModelConfig(pretrained=model, quantize_unet=how), torch.bfloat16)
     out["loaded_allocated_mib"] = round(torch.cuda.memory_allocated() / mib)
     out["loaded_outside_torch_mib"] = outside_torch_mib()
@@ -104,6 +104,18 @@ def measure_nf4_step(how: str, model: str, latent: int) -> dict:
     x = torch.randn(2, 4, latent, latent, device="cuda", generator=g)
     emb = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", generator=g)
     t = torch.tensor([10, 500], device="cuda")
+    return unet, optimizer, x, emb, t
+
+
+def measure_nf4_step(how: str, model: str, latent: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from finetune.training.unet_call import UNetForward
+
+    mib = 2**20
+    out: dict = {"quantize_unet": how}
+    unet, optimizer, x, emb, t = nf4_training_step_setup(how, model, latent, out)
     for use_graphs in (False, True):
         forward = UNetForward(unet, torch.bfloat16, use_graphs=use_graphs)
         saved: list[int] = []
@@ -190,30 +202,18 @@ def measure_recording(how: str, model: str, latent: int) -> dict:
 
     import torch
     import torch.nn.functional as F
-    from diffusers.training_utils import cast_training_params
 
-    from finetune.config import LoraConfig, ModelConfig
-    from finetune.lora import add_unet_lora, lora_parameters
-    from finetune.models import load_nf4_unet, store_convolutions_in_nf4
+    from finetune.lora import lora_parameters
     from finetune.training.unet_call import UNetOnTensors
 
     mib = 2**20
-    unet = load_nf4_unet(ModelConfig(pretrained=model, quantize_unet="nf4_all"), torch.bfloat16)
-    store_convolutions_in_nf4(unet)
-    add_unet_lora(unet, LoraConfig(rank=4, unet_targets="all_attention"))
-    unet.enable_gradient_checkpointing()
-    unet.train()
-    cast_training_params(unet, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(lora_parameters(unet), lr=1e-4)
-    g = torch.Generator("cuda").manual_seed(0)
-    x = torch.randn(2, 4, latent, latent, device="cuda", generator=g)
-    emb = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", generator=g, dtype=torch.bfloat16)
-    t = torch.tensor([10, 500], device="cuda")
-    samples = (x.to(torch.bfloat16).requires_grad_(False), t, emb)
+    out: dict = {"recording": how}
+    unet, optimizer, x, emb, t = nf4_training_step_setup("nf4_all", model, latent, out)
+    samples = (x.to(torch.bfloat16), t, emb.to(torch.bfloat16))
     module = UNetOnTensors(unet)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    out: dict = {"recording": how, "before": pools(torch.cuda.memory_snapshot())}
+    out["before"] = pools(torch.cuda.memory_snapshot())
 
     def warm_up(times: int) -> None:
         for _ in range(times):
