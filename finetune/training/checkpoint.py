@@ -125,6 +125,10 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        # Each process writes its own files (its RNG state) and save_state does not wait for the others: without
+        # this, the main process could rename the folder while another still writes into it (seen in CI: "Parent
+        # directory .step-000004.tmp does not exist" on rank 1), and progress.json could miss that file.
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if extra_files is not None:
                 extra_files(tmp)

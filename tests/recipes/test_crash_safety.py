@@ -229,3 +229,39 @@ def test_a_full_disk_at_the_final_export_keeps_the_previous_export(tiny_sd1, pho
     assert (run / EXPORT).read_bytes() == before and load_file(run / EXPORT)
     assert [p.name for p in checkpoint_dirs(run)] == ["step-000001", "step-000002"]
     assert not list(run.glob(".export-*"))
+
+
+def test_a_checkpoint_is_renamed_into_place_only_after_every_process_wrote_its_part(tmp_path):
+    """Two processes' save_state, played by one that writes its file at once and a second that writes a moment
+    later; wait_for_everyone, as Accelerate's barrier, waits for the second. The finished step-N folder and its
+    progress.json must hold both files (before the fix, the rename could run while the second still wrote: CI saw
+    'Parent directory .step-000004.tmp does not exist' on rank 1)."""
+    import json
+    import threading
+
+    from finetune.training.checkpoint import save_checkpoint
+
+    class TwoProcesses:
+        is_main_process = True
+
+        def __init__(self):
+            self.others: list[threading.Thread] = []
+
+        def save_state(self, folder):
+            Path(folder, "random_states_0.pkl").write_bytes(b"main")
+
+            def late():
+                time.sleep(0.3)
+                Path(folder, "random_states_1.pkl").write_bytes(b"other")
+            self.others.append(threading.Thread(target=late))
+            self.others[-1].start()
+
+        def wait_for_everyone(self):
+            for other in self.others:
+                other.join()
+
+    final = save_checkpoint(TwoProcesses(), tmp_path, step=4, keep=3)
+    assert sorted(p.name for p in final.iterdir()) == ["progress.json", "random_states_0.pkl", "random_states_1.pkl"]
+    assert set(json.loads((final / "progress.json").read_text())["files"]) == {"random_states_0.pkl",
+                                                                              "random_states_1.pkl"}
+    assert not list((tmp_path / "checkpoints").glob(".step-*"))
