@@ -6,6 +6,7 @@
     python benchmarks/probe_memory.py nf4-convs --model /tmp/finetune-bench/model-sd15 --out convs.json
     python benchmarks/probe_memory.py layouts --model /tmp/finetune-bench/model-sd15 --out layouts.json
     python benchmarks/probe_memory.py recordings --model /tmp/finetune-bench/model-sd15 --out recordings.json
+    python benchmarks/probe_memory.py allocator --out allocator.json
 
 `unet-load` loads the SDXL U-Net in NF4 three ways, each in a process of its own (so each peak is its own):
 quantized while it loads (what diffusers' bitsandbytes loader does from a bf16/fp16 folder), loaded from a folder
@@ -19,6 +20,8 @@ device memory outside PyTorch's allocator, and each memory pool's segments after
 `layouts` draws class images and takes fast-mode training steps with the U-Net in channels-last memory format
 and/or cuDNN's autotuner on, each in a process of its own. `recordings` records an nf4_all U-Net's training step
 as CUDA graphs in five ways (measure_recording says which) and reports each memory pool before and after.
+`allocator` sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True at three points of a fresh process and reports
+whether the allocator's segments became expandable.
 """
 from __future__ import annotations
 
@@ -411,10 +414,51 @@ def imports(args) -> list[dict]:
     return results
 
 
+def measure_allocator_order(when: str) -> dict:
+    """Whether PyTorch's allocator sees PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, by when it is set: in
+    the environment before Python starts, after `import torch`, or after `import bitsandbytes` (where the recipe
+    used to set it). Two 64 MiB tensors share one segment only when segments are expandable (otherwise each large
+    allocation gets a cudaMalloc of its own)."""
+    from finetune.allocator import EXPANDABLE, VARIABLE
+    if when == "after_torch":
+        import torch
+        os.environ[VARIABLE] = EXPANDABLE
+    import bitsandbytes  # noqa: F401
+    import torch
+    started = torch.cuda.is_initialized()
+    if when == "after_bitsandbytes":
+        os.environ[VARIABLE] = EXPANDABLE
+    first, second = (torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda") for _ in range(2))
+    snapshot = torch.cuda.memory_snapshot()
+
+    def holder(tensor) -> int:
+        return next(i for i, s in enumerate(snapshot)
+                    if s["address"] <= tensor.data_ptr() < s["address"] + s["total_size"])
+    return {"set": when, "cuda_started_by_imports": started, "segments": len(snapshot),
+            "one_segment": holder(first) == holder(second),
+            "is_expandable": [s.get("is_expandable") for s in snapshot]}
+
+
+def allocator(args) -> list[dict]:
+    from finetune.allocator import EXPANDABLE, VARIABLE
+    results = []
+    for when in ("environment", "after_torch", "after_bitsandbytes"):
+        env = {key: value for key, value in os.environ.items() if key != VARIABLE}
+        if when == "environment":
+            env[VARIABLE] = EXPANDABLE
+        proc = subprocess.run([sys.executable, __file__, "allocator-one", "--how", when], capture_output=True,
+                              text=True, env=env)
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
+                       {"set": when, "error": proc.stderr[-2000:]})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["unet-load", "load-one", "class-images", "imports", "nf4-convs",
-                                         "nf4-step-one", "layouts", "layout-one", "recordings", "record-one"])
+                                         "nf4-step-one", "layouts", "layout-one", "recordings", "record-one",
+                                         "allocator", "allocator-one"])
     parser.add_argument("--recordings", default="torch,own_warmup,main_warmup,one_warmup,no_warmup",
                         help="recordings: ways to record the CUDA graphs, comma-separated")
     parser.add_argument("--layouts", default="plain,channels_last,benchmark,channels_last+benchmark",
@@ -437,12 +481,15 @@ def main():
     if args.what == "layout-one":
         print(json.dumps(measure_layout(args.how, args.model, args.latent, args.count, args.work)))
         return
+    if args.what == "allocator-one":
+        print(json.dumps(measure_allocator_order(args.how)))
+        return
     if args.what == "nf4-step-one":
         print(json.dumps(measure_nf4_step(args.how, args.model, args.latent)))
         return
     results = {"unet-load": unet_load, "class-images": class_images, "imports": imports,
                "nf4-convs": nf4_convs, "layouts": layouts,
-               "recordings": recordings}[args.what](args)
+               "recordings": recordings, "allocator": allocator}[args.what](args)
     Path(args.out).write_text(json.dumps(results, indent=2))
 
 

@@ -137,8 +137,12 @@ def check_plan_args(args) -> float:
 
 
 def cmd_train(args) -> None:
+    from .allocator import ask_for_expandable_segments
+    from .config import setting_as_written
     from .training.interrupt import catch_stop_signals
     from .training.run_lock import release_run_lock
+    if setting_as_written(args.config, args.overrides, "train", "expandable_segments") is True:
+        ask_for_expandable_segments()  # before the recipe's import starts CUDA: finetune.allocator says why
     module, cfg = load_recipe_config(args.config, args.overrides)
     advice = ("earlier files are intact: free disk space or fix permissions, then run again "
               "(train.resume=latest continues training)")

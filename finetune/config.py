@@ -116,6 +116,15 @@ def recipe_name(path: str | Path | None, default: str) -> str:
     return name
 
 
+def setting_as_written(path: str | Path | None, overrides: Sequence[str], section: str, key: str) -> Any:
+    """One key's value as the YAML file, the overrides and train.mode's presets give it (None where unset), for
+    what has to happen before the typed config exists: building it imports the recipe's module, and that import
+    starts CUDA (finetune.allocator). The presets are MODES' (a recipe's own `modes` change only model keys). Bad
+    input raises the same ConfigError that `load` would."""
+    values = with_mode(apply_overrides(read_yaml(path) if path else {}, list(overrides))).get(section)
+    return values.get(key) if isinstance(values, dict) else None
+
+
 def load(cls: type, path: str | Path | None, overrides: Sequence[str] = ()) -> Any:
     """Read a YAML file (or nothing), apply dotted overrides, and build the typed config.
 
@@ -417,7 +426,8 @@ class TrainConfig:
     cache_latents: bool = option(True, "encode each photo once with the VAE (off when center_crop is false)")
     cache_text_embeddings: bool = option(True, "encode each prompt once when the text encoder is frozen")
     expandable_segments: bool = option(False, "CUDA memory in growable segments (PYTORCH_CUDA_ALLOC_CONF="
-                                              "expandable_segments): less fragmentation, a lower peak on small cards")
+                                              "expandable_segments, set before CUDA starts): less fragmentation, a "
+                                              "lower peak on small cards")
     vae_tiling: bool = option(False, "encode photos larger than 512 px in overlapping 512 px tiles: a quarter of the "
                                      "VAE's working memory at 1024 px; latents differ slightly from untiled")
     checkpoint_every: int = option(500, "save a resumable checkpoint and an export every N steps (0: only at end)")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from accelerate.utils import set_seed
 from diffusers.training_utils import cast_training_params
 from torch.nn.utils import parametrize
 
+from ..allocator import EXPANDABLE, VARIABLE, ask_for_expandable_segments
 from ..config import LoraConfig, TrainConfig
 from ..console import plural
 from ..data.captions import possible_prompts
@@ -67,8 +67,10 @@ def start_run(cfg, recipe: str) -> Run:
     """Accelerator and seed; every input checked before anything is written (folders, model files, the resume
     point, every photo decoded and screened now, not 300 steps in); only then the output folder claimed."""
     started, train = time.perf_counter(), cfg.train
-    if train.expandable_segments:  # read when CUDA first allocates, which is later than this
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if train.expandable_segments and not ask_for_expandable_segments():  # `finetune train` set it in time
+        log.warning("notice: train.expandable_segments has no effect in this process: CUDA started before it was "
+                    "set (importing bitsandbytes starts it); set %s=%s before Python starts, or run `finetune "
+                    "train`", VARIABLE, EXPANDABLE)
     accelerator = make_accelerator(train, cfg.output_dir, recipe)
     phases = PhaseClock(accelerator.device, accelerator.is_main_process)
     set_seed(train.seed)
