@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from .config import load
 from .errors import FinetuneError
@@ -29,19 +30,36 @@ TILE_PX = 512               # finetune.models.TILE_PX: the tile of train.vae_til
 # of a batch (H200 probe, batches 4, 8 and 16).
 GENERATE_UNET_MIB_512 = 150
 DECODE_MIB_512 = 1200
-# Activations kept for the backward pass, per sample at the family's native size (CUDA graphs' pool included), bf16
-# with SDPA, by model family (finetune.family): without checkpointing, with it, with it on a 4-bit U-Net. Fitted on
-# the training phases of the H200 runs (phase_peak_reserved_mib); an NF4 U-Net keeps less per sample with
-# checkpointing than a bf16 one there (852 against 1351 MiB for SDXL), so the two are separate constants. SD's
-# bf16-with-checkpointing figure is the NF4 one (not measured on its own); SDXL without checkpointing is the
-# earlier H100 estimate (the checkpointed figure plus the 6.8 GB the peer saves by checkpointing at batch 2).
-ACTIVATIONS_MIB = {"sd1": (1190, 550, 550, 512), "sd2": (1190, 550, 550, 512), "sdxl": (4550, 1351, 852, 1024)}
+
+
+class Activations(NamedTuple):
+    """Activations kept for the backward pass, MiB per sample at the family's native size (CUDA graphs' pool
+    included), bf16 with SDPA, fitted on the training phases of the H200 runs (phase_peak_reserved_mib)."""
+    plain: int                         # without gradient checkpointing
+    checkpointed: int                  # with it, on a bf16 U-Net
+    quantized: int                     # with it, on a 4-bit U-Net, in fixed-size segments
+    quantized_expandable: int | None   # the same, with CUDA graphs and train.expandable_segments in effect
+    reference_px: int
+
+
+# Until 2026-12-01's fifth session train.expandable_segments came too late to take effect (finetune.allocator), so
+# every run before it had fixed-size segments: the first three figures are theirs. SD's expandable figure was
+# fitted on that session's nf4 run (2032 MiB reserved in training); None: not measured, and the fixed-size figure
+# stands in (expandable segments only hand memory back). An NF4 U-Net keeps less per sample with checkpointing
+# than a bf16 one (852 against 1351 MiB for SDXL). SD's bf16-with-checkpointing figure is the NF4 one (not
+# measured on its own); SDXL without checkpointing is the earlier H100 estimate (the checkpointed figure plus the
+# 6.8 GB the peer saves by checkpointing at batch 2).
+ACTIVATIONS_MIB = {"sd1": Activations(1190, 550, 550, 377, 512), "sd2": Activations(1190, 550, 550, 377, 512),
+                   "sdxl": Activations(4550, 1351, 852, None, 1024)}
 HALF, FP32 = 2, 4
-# model.quantize_unet=nf4_all without CUDA graphs keeps this share of those activations: 1318 MiB reserved in
-# training on the H200 (SD 1.5, batch 2, checkpointing) against the graph runs' 550 MiB per sample. Fitted on that
-# one run. With graphs the training peak stayed at nf4's (2224 MiB reserved against 2204): PyTorch's default pool
-# kept about one eager step's activations after the recording (BENCHMARKS.md, fourth session), so there the U-Net
-# counts as nf4's.
+# model.quantize_unet=nf4_all with CUDA graphs and expandable segments: the graphs' pool also holds the dequantized
+# weights of the convolutions a checkpointed block works with. 303 MiB on SD 1.5 (1528 MiB reserved in training
+# against nf4's 2032, whose weights are 807 MiB more), fitted on that run and used for every family (SDXL: not
+# measured). In fixed-size segments the training peak stayed at nf4's (2224 MiB reserved against 2204): after the
+# convolutions were packed, 1116 MiB stayed reserved for 469 allocated (the probe), so there the U-Net counts as
+# nf4's. Without graphs nf4_all keeps this share of the fixed-size activations: 1318 MiB reserved in training (SD
+# 1.5, batch 2, checkpointing), fitted on that one run, in fixed-size segments.
+NF4_ALL_GRAPH_WORKING_MIB = 303
 EAGER_NF4_ALL_ACTIVATIONS = 0.77
 
 
@@ -125,7 +143,9 @@ def estimate(arch: Architecture, train, model, lora, prior, samples_per_step: in
     """Peak MiB of each phase and of the run (as nvidia-smi would show it) for these settings; `prompts_cached`:
     DreamBoothConfig.caches_prompt_embeddings (else the text encoders stay on the GPU through training)."""
     weight_bytes = FP32 if train.mixed_precision == "no" else HALF
-    counted_as = "nf4" if model.quantize_unet == "nf4_all" and train.cuda_graphs else model.quantize_unet
+    graphs_expandable = train.cuda_graphs and train.expandable_segments
+    counted_as = ("nf4" if model.quantize_unet == "nf4_all" and train.cuda_graphs and not graphs_expandable
+                  else model.quantize_unet)
     unet = unet_bytes(arch, counted_as, weight_bytes)
     pixels = (train.resolution / 512) ** 2
     vae_pixels = (min(train.resolution, TILE_PX) / 512) ** 2 if train.vae_tiling else pixels
@@ -140,11 +160,12 @@ def estimate(arch: Architecture, train, model, lora, prior, samples_per_step: in
     encoders = arch.text_encoder_params * weight_bytes
     phases["text_encoding"] = encoders
     phases["latent_encoding"] = arch.vae_params * FP32 + VAE_ENCODE_MIB_512 * vae_pixels * MIB
-    without, with_checkpointing, quantized_checkpointing, reference_px = ACTIVATIONS_MIB[arch.family]
-    per_sample = without if not train.gradient_checkpointing else (
-        quantized_checkpointing if model.quantize_unet != "none" else with_checkpointing)
-    activations = (per_sample * (train.resolution / reference_px) ** 2 * samples_per_step * MIB *
-                   (EAGER_NF4_ALL_ACTIVATIONS if counted_as == "nf4_all" else 1))
+    per_sample = activations_per_sample(ACTIVATIONS_MIB[arch.family], train, model.quantize_unet)
+    activations = (per_sample * (train.resolution / ACTIVATIONS_MIB[arch.family].reference_px) ** 2 *
+                   samples_per_step * MIB * (EAGER_NF4_ALL_ACTIVATIONS if counted_as == "nf4_all" and
+                                             not train.cuda_graphs else 1))
+    if counted_as == "nf4_all" and train.cuda_graphs:
+        activations += NF4_ALL_GRAPH_WORKING_MIB * MIB
     # Per adapted layer: LoRA r(i + o); DoRA adds a magnitude per output; LoHa holds two such pairs; LoKr's factors
     # are smaller than LoRA's pair, which stays an upper bound for it.
     pairs = 2 if lora.type == "loha" else 1
@@ -158,6 +179,17 @@ def estimate(arch: Architecture, train, model, lora, prior, samples_per_step: in
     result["peak_mib"] = round(max(phases.values()) / MIB + CONTEXT_MIB)
     result["peak_phase"] = max(phases, key=lambda name: phases[name])
     return result
+
+
+def activations_per_sample(measured: Activations, train, quantize_unet: str) -> int:
+    """The per-sample figure that describes these settings (Activations says which runs each comes from)."""
+    if not train.gradient_checkpointing:
+        return measured.plain
+    if quantize_unet == "none":
+        return measured.checkpointed
+    if train.cuda_graphs and train.expandable_segments and measured.quantized_expandable is not None:
+        return measured.quantized_expandable
+    return measured.quantized
 
 
 def samples_per_step(cfg) -> int:

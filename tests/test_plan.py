@@ -19,16 +19,28 @@ from finetune.plan import estimate_config, parse_size, read_architecture
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 # (arch, results file, the variants whose phases are those of today's code). Earlier runs that left one phase's
 # cached memory to the next, or drew class images without decoder slicing, measured a structure that is gone.
-# The runs in *-phases-apart.json came after the constants were fitted (none was fitted on them).
-# The third item: overrides that give a variant the settings it ran with, where the shipped ones differ.
-ALL_NF4 = ["model.quantize_unet=nf4_all"]  # train.mode=low_memory set nf4_all for the runs of that file
-MEASURED = [("sd15", "2026-12-01-h200-sd15-phases.json", {"low_memory": [], "fast": []}),
+# The runs in *-phases-apart.json and later came after the constants were fitted (none was fitted on them), except
+# where finetune/plan.py's comments name a run.
+# The third item: overrides that give a variant the settings it ran with, where the shipped ones differ. Before
+# 2026-12-01's fifth session train.expandable_segments did not take effect (finetune.allocator): those runs had
+# fixed-size segments, which train.expandable_segments=false gives today.
+LINEAR_NF4 = ["model.quantize_unet=nf4"]  # train.mode=low_memory set nf4 for these runs (nf4_all since)
+ALL_NF4 = ["model.quantize_unet=nf4_all"]
+FIXED = ["train.expandable_segments=false"]
+MEASURED = [("sd15", "2026-12-01-h200-sd15-phases.json", {"low_memory": [*LINEAR_NF4, *FIXED], "fast": []}),
             ("sd15", "2026-12-01-h200-sd15-phases-apart.json", {"fast": [], "e2e": []}),
-            ("sdxl", "2026-12-01-h200-sdxl-phases-apart.json", {"low_memory": [], "low_memory_draws": []}),
-            ("sd15", "2026-12-01-h200-sd15-nf4-all-graphs.json", {"low_memory": ALL_NF4,
-                                                                  "low_memory_linear_nf4": []}),
-            ("sd15", "2026-12-01-h200-sd15-nf4-all-eager.json", {"low_memory_all_nf4_eager": []}),
-            ("sd15", "2026-12-01-h200-sd15-e2e-direct.json", {"e2e_direct": []})]
+            ("sdxl", "2026-12-01-h200-sdxl-phases-apart.json", {"low_memory": FIXED, "low_memory_draws": FIXED}),
+            ("sd15", "2026-12-01-h200-sd15-nf4-all-graphs.json", {"low_memory": [*ALL_NF4, *FIXED],
+                                                                  "low_memory_linear_nf4": FIXED}),
+            ("sd15", "2026-12-01-h200-sd15-nf4-all-eager.json", {"low_memory_all_nf4_eager": FIXED}),
+            ("sd15", "2026-12-01-h200-sd15-e2e-direct.json", {"e2e_direct": []}),
+            ("sd15", "2026-12-01-h200-sd15-before-allocator-fix.json", {"low_memory": [*LINEAR_NF4, *FIXED],
+                                                                        "low_memory_all_nf4": FIXED,
+                                                                        "fast_channels_last": []}),
+            ("sd15", "2026-12-01-h200-sd15-allocator-fixed.json", {"low_memory": LINEAR_NF4,
+                                                                   "low_memory_all_nf4": []}),
+            ("sd15", "2026-12-01-h200-sd15-e2e-with-peer.json", {"e2e_direct": []}),
+            ("sd15", "2026-12-01-h200-sd15-low-memory-draws.json", {"low_memory_draws": []})]
 
 
 def measured_runs():

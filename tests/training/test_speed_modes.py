@@ -14,13 +14,14 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from finetune.cli import load_recipe_config
-from finetune.config import TrainConfig
+from finetune.config import MODES, TrainConfig
 from finetune.errors import ConfigError
 from finetune.training.accelerator import make_accelerator
 from finetune.training.unet_call import UNetForward, UNetOnTensors, graphs_usable
 from tests.helpers import tiny_overrides
 
 SD15 = "recipes/configs/sd15_dreambooth_lora.yaml"
+SDXL = "recipes/configs/sdxl_dreambooth_lora.yaml"
 
 
 def test_fast_mode_sets_its_switches_and_explicit_keys_win():
@@ -34,8 +35,15 @@ def test_fast_mode_sets_its_switches_and_explicit_keys_win():
 
 def test_low_memory_mode_checkpoints_and_quantizes_and_custom_changes_nothing():
     low = load_recipe_config(SD15, ["train.mode=low_memory"])[1]
-    assert low.model.quantize_unet == "nf4" and low.train.gradient_checkpointing
+    assert low.model.quantize_unet == "nf4_all" and low.train.gradient_checkpointing
     assert low.train.optimizer == "adamw8bit"
+    # SDXL's recipe changes only the quantization (its figures were measured with nf4); a key set by hand wins
+    low_xl = load_recipe_config(SDXL, ["train.mode=low_memory"])[1]
+    preset = MODES["low_memory"]["train"]
+    assert low_xl.model.quantize_unet == "nf4" and len(preset) == 7
+    assert {key: getattr(low_xl.train, key) for key in preset} == {key: getattr(low.train, key) for key in preset}
+    assert load_recipe_config(SD15, ["train.mode=low_memory", "model.quantize_unet=nf4"])[1].model.quantize_unet \
+        == "nf4"
     assert load_recipe_config(SD15, [])[1].train.mode == "fast"  # the shipped SD configs choose fast
     custom = load_recipe_config(SD15, ["train.mode=custom"])[1]
     assert (custom.train.autocast, custom.train.cuda_graphs, custom.train.mixed_precision, custom.model.quantize_unet) \
