@@ -241,6 +241,9 @@ def gpu_name() -> str:
     return names[0].strip() or "cpu"
 
 
+NOT_RUN = "the peer did not run in this run | no ratio |"
+
+
 def markdown_rows(arch: str, results: list[dict], meta: dict) -> list[str]:
     """A row per run of ours: steps against the peer's steps, and the end-to-end job's seconds against the peer's
     on the same job (when it ran)."""
@@ -251,18 +254,22 @@ def markdown_rows(arch: str, results: list[dict], meta: dict) -> list[str]:
         if r["who"] != "finetune" or not r.get("it_per_s"):
             continue
         if r["variant"].startswith("e2e"):
-            ratio = peer_job["wall_s"] / r["wall_s"] if peer_job.get("wall_s") else float("nan")
-            rows.append(f"| {meta['date']} | {meta['gpu']} | {arch} {r['variant']} (whole job) | {r['wall_s']} s, "
-                        f"{r['peak_gpu_mib']} MiB | peer: {peer_job.get('wall_s')} s, {peer_job.get('peak_gpu_mib')} "
-                        f"MiB | {ratio:.2f}x faster |")
+            ours = f"| {meta['date']} | {meta['gpu']} | {arch} {r['variant']} (whole job) | {r['wall_s']} s, " \
+                   f"{r['peak_gpu_mib']} MiB |"
+            rows.append(f"{ours} peer: {peer_job['wall_s']} s, {peer_job.get('peak_gpu_mib')} MiB | "
+                        f"{peer_job['wall_s'] / r['wall_s']:.2f}x faster |" if peer_job.get("wall_s") else
+                        f"{ours} {NOT_RUN}")
             continue
         p = peer.get("default") or next(iter(peer.values()), {})  # the peer's variant of this run
-        ratio = r["it_per_s"] / p["it_per_s"] if p.get("it_per_s") else float("nan")
-        mem = r["peak_gpu_mib"] / p["peak_gpu_mib"] if p.get("peak_gpu_mib") and r["peak_gpu_mib"] else float("nan")
-        rows.append(f"| {meta['date']} | {meta['gpu']} | {arch} {r['variant']} | {r['it_per_s']:.2f} it/s, "
-                    f"{r['peak_gpu_mib']} MiB | {p.get('variant', 'peer')}: {p.get('it_per_s')} it/s, "
-                    f"{p.get('peak_gpu_mib')} MiB | "
-                    f"{ratio:.2f}x speed, {mem:.2f}x memory |")
+        ours = f"| {meta['date']} | {meta['gpu']} | {arch} {r['variant']} | {r['it_per_s']:.2f} it/s, " \
+               f"{r['peak_gpu_mib']} MiB |"
+        if not p:
+            rows.append(f"{ours} {NOT_RUN}")
+            continue
+        mem = f"{r['peak_gpu_mib'] / p['peak_gpu_mib']:.2f}x memory" if p.get("peak_gpu_mib") and \
+            r["peak_gpu_mib"] else "memory not compared"
+        rows.append(f"{ours} {p['variant']}: {p['it_per_s']} it/s, {p.get('peak_gpu_mib')} MiB | "
+                    f"{r['it_per_s'] / p['it_per_s']:.2f}x speed, {mem} |")
     return rows
 
 

@@ -41,3 +41,12 @@ def test_rows_compare_steps_with_the_peers_steps_and_the_whole_job_with_the_peer
     assert markdown_rows("sd15", results, {"date": "D", "gpu": "G"}) == [
         "| D | G | sd15 fast | 24.00 it/s, 4800 MiB | default: 3.0 it/s, 6000 MiB | 8.00x speed, 0.80x memory |",
         "| D | G | sd15 e2e_direct (whole job) | 62.5 s, 4900 MiB | peer: 200 s, 7000 MiB | 3.20x faster |"]
+
+
+def test_rows_without_the_peer_in_the_same_run_say_so_instead_of_a_ratio():
+    results = [{"who": "finetune", "variant": "low_memory_draws", "it_per_s": 13.7, "peak_gpu_mib": 2373},
+               {"who": "finetune", "variant": "e2e_direct", "it_per_s": 24.0, "peak_gpu_mib": 4900, "wall_s": 62.5}]
+    assert markdown_rows("sd15", results, {"date": "D", "gpu": "G"}) == [
+        "| D | G | sd15 low_memory_draws | 13.70 it/s, 2373 MiB | the peer did not run in this run | no ratio |",
+        "| D | G | sd15 e2e_direct (whole job) | 62.5 s, 4900 MiB | the peer did not run in this run | no ratio |"]
+
