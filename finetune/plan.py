@@ -143,8 +143,8 @@ def estimate(arch: Architecture, train, model, lora, prior, samples_per_step: in
     """Peak MiB of each phase and of the run (as nvidia-smi would show it) for these settings; `prompts_cached`:
     DreamBoothConfig.caches_prompt_embeddings (else the text encoders stay on the GPU through training)."""
     weight_bytes = FP32 if train.mixed_precision == "no" else HALF
-    graphs_expandable = train.cuda_graphs and train.expandable_segments
-    counted_as = ("nf4" if model.quantize_unet == "nf4_all" and train.cuda_graphs and not graphs_expandable
+    # nf4_all under graphs in fixed-size segments kept nf4's peak (the comment on NF4_ALL_GRAPH_WORKING_MIB)
+    counted_as = ("nf4" if model.quantize_unet == "nf4_all" and train.cuda_graphs and not train.expandable_segments
                   else model.quantize_unet)
     unet = unet_bytes(arch, counted_as, weight_bytes)
     pixels = (train.resolution / 512) ** 2
