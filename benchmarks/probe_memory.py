@@ -178,17 +178,26 @@ def pools(snapshot: list[dict]) -> list[dict]:
             for key, v in by_pool.items()]
 
 
+def in_fresh_process(one: str, how: str, key: str, arguments: list[str], env: dict | None = None,
+                     **noted) -> dict:
+    """`probe_memory.py ONE --how HOW ARGUMENTS` in a process of its own (so each peak is its own, and CUDA starts
+    afresh): its last line of output as JSON, with `noted` added; if it failed, {key: how, "error": the end of its
+    stderr}. Printed as it comes."""
+    proc = subprocess.run([sys.executable, __file__, one, "--how", how, *arguments], capture_output=True, text=True,
+                          env=env)
+    lines = proc.stdout.strip().splitlines()
+    result = ({**json.loads(lines[-1]), **noted} if proc.returncode == 0 and lines else
+              {key: how, "error": proc.stderr[-2000:]})
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def nf4_convs(args) -> list[dict]:
-    results = []
-    for how, alloc in (("nf4", "expandable_segments:True"), ("nf4_all", "expandable_segments:True"),
-                       ("nf4_all", "expandable_segments:False")):
-        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": alloc}
-        proc = subprocess.run([sys.executable, __file__, "nf4-step-one", "--how", how, "--model", args.model,
-                               "--latent", str(args.latent)], capture_output=True, text=True, env=env)
-        results.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "alloc_conf": alloc}
-                       if proc.returncode == 0 else {"quantize_unet": how, "error": proc.stderr[-2000:]})
-        print(json.dumps(results[-1]), flush=True)
-    return results
+    step = ["--model", args.model, "--latent", str(args.latent)]
+    return [in_fresh_process("nf4-step-one", how, "quantize_unet", step,
+                             {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": alloc}, alloc_conf=alloc)
+            for how, alloc in (("nf4", "expandable_segments:True"), ("nf4_all", "expandable_segments:True"),
+                               ("nf4_all", "expandable_segments:False"))]
 
 
 def measure_recording(how: str, model: str, latent: int) -> dict:
@@ -261,15 +270,9 @@ def measure_recording(how: str, model: str, latent: int) -> dict:
 
 
 def recordings(args) -> list[dict]:
-    results = []
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    for how in args.recordings.split(","):
-        proc = subprocess.run([sys.executable, __file__, "record-one", "--how", how, "--model", args.model,
-                               "--latent", str(args.latent)], capture_output=True, text=True, env=env)
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
-                       {"recording": how, "error": proc.stderr[-2500:]})
-        print(json.dumps(results[-1]), flush=True)
-    return results
+    return [in_fresh_process("record-one", how, "recording", ["--model", args.model, "--latent", str(args.latent)],
+                             env) for how in args.recordings.split(",")]
 
 
 def measure_layout_step(layout: str, model: str, latent: int) -> dict:
@@ -314,15 +317,9 @@ def measure_layout_step(layout: str, model: str, latent: int) -> dict:
 
 def layouts(args) -> list[dict]:
     """Drawing (20 steps x batch 8, as the shipped setting) and a fast-mode step, in each layout."""
-    results = []
-    for layout in args.layouts.split(","):
-        proc = subprocess.run([sys.executable, __file__, "layout-one", "--how", layout, "--model", args.model,
-                               "--latent", str(args.latent), "--count", str(args.count), "--work", args.work],
-                              capture_output=True, text=True)
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
-                       {"layout": layout, "error": proc.stderr[-2000:]})
-        print(json.dumps(results[-1]), flush=True)
-    return results
+    return [in_fresh_process("layout-one", layout, "layout", ["--model", args.model, "--latent", str(args.latent),
+                                                              "--count", str(args.count), "--work", args.work])
+            for layout in args.layouts.split(",")]
 
 
 def measure_layout(layout: str, model: str, latent: int, count: int, work: str) -> dict:
@@ -353,17 +350,11 @@ def measure_layout(layout: str, model: str, latent: int, count: int, work: str) 
 
 
 def unet_load(args) -> list[dict]:
-    results = []
-    for how, expandable in (("quantize_on_load", False), ("quantize_on_load", True), ("prequantized", False),
-                            ("prequantized", True)):
-        env = {**os.environ, **({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if expandable else {})}
-        proc = subprocess.run([sys.executable, __file__, "load-one", "--how", how, "--model", args.model,
-                               "--work", args.work], capture_output=True, text=True, env=env)
-        lines = proc.stdout.strip().splitlines()
-        results.append({**json.loads(lines[-1]), "expandable_segments": expandable}
-                       if proc.returncode == 0 and lines else {"load": how, "error": proc.stderr[-1500:]})
-        print(json.dumps(results[-1]), flush=True)
-    return results
+    return [in_fresh_process("load-one", how, "load", ["--model", args.model, "--work", args.work],
+                             {**os.environ, **({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+                                               if expandable else {})}, expandable_segments=expandable)
+            for how, expandable in (("quantize_on_load", False), ("quantize_on_load", True), ("prequantized", False),
+                                    ("prequantized", True))]
 
 
 def class_images(args) -> list[dict]:
@@ -441,17 +432,10 @@ def measure_allocator_order(when: str) -> dict:
 
 def allocator(args) -> list[dict]:
     from finetune.allocator import EXPANDABLE, VARIABLE
-    results = []
-    for when in ("environment", "after_torch", "after_bitsandbytes"):
-        env = {key: value for key, value in os.environ.items() if key != VARIABLE}
-        if when == "environment":
-            env[VARIABLE] = EXPANDABLE
-        proc = subprocess.run([sys.executable, __file__, "allocator-one", "--how", when], capture_output=True,
-                              text=True, env=env)
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
-                       {"set": when, "error": proc.stderr[-2000:]})
-        print(json.dumps(results[-1]), flush=True)
-    return results
+    without = {key: value for key, value in os.environ.items() if key != VARIABLE}
+    return [in_fresh_process("allocator-one", when, "set", [],
+                             {**without, VARIABLE: EXPANDABLE} if when == "environment" else without)
+            for when in ("environment", "after_torch", "after_bitsandbytes")]
 
 
 def main():
