@@ -8,6 +8,9 @@
 set -euo pipefail
 arch=$1 steps=$2 out=$3
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# Bytecode as a user's `pip install` leaves it: the device sets PYTHONDONTWRITEBYTECODE, so without this every
+# process compiled diffusers and finetune from source again (BENCHMARKS.md, sixth session: the start-up).
+python3 -m compileall -q -j 0 /tmp/site finetune benchmarks recipes >/dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 case $arch in
   sdxl) ours=${OURS:-low_memory,low_memory_draws,fast_checkpointing} peer=checkpointing e2e=() ;;

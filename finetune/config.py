@@ -12,7 +12,7 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -119,8 +119,7 @@ def recipe_name(path: str | Path | None, default: str) -> str:
 def setting_as_written(path: str | Path | None, overrides: Sequence[str], section: str, key: str) -> Any:
     """One key's value as the YAML file, the overrides and train.mode's presets give it (None where unset), for
     what has to happen before the typed config exists: building it imports the recipe's module, and that import
-    starts CUDA (finetune.allocator). The presets are MODES' (a recipe's own `modes` change only model keys). Bad
-    input raises the same ConfigError that `load` would."""
+    starts CUDA (finetune.allocator). Bad input raises the same ConfigError that `load` would."""
     values = with_mode(apply_overrides(read_yaml(path) if path else {}, list(overrides))).get(section)
     return values.get(key) if isinstance(values, dict) else None
 
@@ -132,7 +131,7 @@ def load(cls: type, path: str | Path | None, overrides: Sequence[str] = ()) -> A
     """
     data = read_yaml(path) if path else {}
     data.pop("recipe", None)
-    return build(cls, with_mode(apply_overrides(data, list(overrides)), getattr(cls, "modes", MODES)))
+    return build(cls, with_mode(apply_overrides(data, list(overrides))))
 
 
 # What train.mode sets; any of these keys set in the YAML or on the command line wins over the mode. Figures behind
@@ -142,9 +141,9 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
     # Small batches are bound by kernel launches, not arithmetic: graphs remove the launches, bf16 without autocast
     # removes the per-op casts, fused AdamW steps every LoRA tensor in one kernel.
     "fast": {"train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "optimizer": "adamw"}},
-    # Activations recomputed instead of stored, the frozen U-Net's linear layers and convolutions in 4 bits (an SD
-    # U-Net is mostly convolutions: 2387 MiB against nf4's 2891 on SD 1.5), 8-bit optimizer state. Class images one
-    # at a time: a batch's activations would set the run's peak. A recipe may change a preset (modes_with).
+    # Activations recomputed instead of stored, the frozen U-Net's linear layers and convolutions in 4 bits (2387
+    # MiB against nf4's 2891 on SD 1.5, 4023 against 4363 on SDXL, for 11% and 5% of the speed), 8-bit optimizer
+    # state. Class images one at a time: a batch's activations would set the run's peak.
     "low_memory": {"model": {"quantize_unet": "nf4_all"},
                    "prior": {"generation_batch_size": 1, "generation_offload": True},
                    "train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "vae_tiling": True,
@@ -153,21 +152,13 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def modes_with(changes: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """MODES with some presets changed, for a recipe whose model family measured best with other settings."""
-    return {mode: {section: {**presets.get(section, {}), **changes.get(mode, {}).get(section, {})}
-                   for section in {*presets, *changes.get(mode, {})}}
-            for mode, presets in MODES.items()}
-
-
-def with_mode(data: dict, modes: dict[str, dict[str, dict[str, Any]]] = MODES) -> dict:
-    """The config dict with train.mode's presets (a recipe Config's `modes`) filled in under the keys given
-    explicitly."""
+def with_mode(data: dict) -> dict:
+    """The config dict with train.mode's presets filled in under the keys given explicitly."""
     train = data.get("train")
     mode = train.get("mode", "custom") if isinstance(train, dict) else "custom"
-    presets = modes.get(mode, {})
-    if mode not in modes:
-        raise ConfigError(f"train.mode: {mode!r} is not one of {', '.join(modes)}")
+    presets = MODES.get(mode, {})
+    if mode not in MODES:
+        raise ConfigError(f"train.mode: {mode!r} is not one of {', '.join(MODES)}")
     merged = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
     for section, preset in presets.items():
         if isinstance(merged.get(section, {}), dict):
@@ -554,7 +545,6 @@ class EvalConfig:
 @dataclasses.dataclass
 class DreamBoothConfig:
     """A DreamBooth-LoRA recipe's config: every section; a recipe's Config subclasses it with its own defaults."""
-    modes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = MODES  # what train.mode sets for this recipe
     model: ModelConfig = option(ModelConfig(), "the base model")
     data: DataConfig = option(DataConfig(), "subject photos and prompts")
     prior: PriorConfig = option(PriorConfig(), "prior preservation with class images")

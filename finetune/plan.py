@@ -43,19 +43,20 @@ class Activations(NamedTuple):
 
 
 # Until 2026-12-01's fifth session train.expandable_segments came too late to take effect (finetune.allocator), so
-# every run before it had fixed-size segments: the first three figures are theirs. SD's expandable figure was
-# fitted on that session's nf4 run (2032 MiB reserved in training); None: not measured, and the fixed-size figure
-# stands in (expandable segments only hand memory back). An NF4 U-Net keeps less per sample with checkpointing
-# than a bf16 one (852 against 1351 MiB for SDXL). SD's bf16-with-checkpointing figure is the NF4 one (not
-# measured on its own); SDXL without checkpointing is the earlier H100 estimate (the checkpointed figure plus the
-# 6.8 GB the peer saves by checkpointing at batch 2).
+# every run before it had fixed-size segments: the `quantized` figures are theirs. The expandable figures were
+# fitted on the nf4 runs of the fifth (SD, 2032 MiB reserved in training) and sixth (SDXL, 3466) sessions; None:
+# not measured, and the fixed-size figure stands in (expandable segments only hand memory back). SDXL's bf16
+# figure with checkpointing was fitted on the sixth session's fast run with checkpointing (6836 MiB reserved in
+# training); the 1351 MiB fitted before came from a run whose encoding phase left its cache to training. SD's
+# bf16-with-checkpointing figure is the NF4 one (not measured on its own); SDXL without checkpointing is the
+# earlier H100 estimate (the checkpointed figure plus the 6.8 GB the peer saves by checkpointing at batch 2).
 ACTIVATIONS_MIB = {"sd1": Activations(1190, 550, 550, 377, 512), "sd2": Activations(1190, 550, 550, 377, 512),
-                   "sdxl": Activations(4550, 1351, 852, None, 1024)}
+                   "sdxl": Activations(4550, 925, 852, 787, 1024)}
 HALF, FP32 = 2, 4
 # model.quantize_unet=nf4_all with CUDA graphs and expandable segments: the graphs' pool also holds the dequantized
 # weights of the convolutions a checkpointed block works with. 303 MiB on SD 1.5 (1528 MiB reserved in training
-# against nf4's 2032, whose weights are 807 MiB more), fitted on that run and used for every family (SDXL: not
-# measured). In fixed-size segments the training peak stayed at nf4's (2224 MiB reserved against 2204): after the
+# against nf4's 2032, whose weights are 807 MiB more), fitted on that run and used for every family (SDXL's nf4_all
+# run is the check: +3.7%). In fixed-size segments the training peak stayed at nf4's (2224 MiB reserved against 2204): after the
 # convolutions were packed, 1116 MiB stayed reserved for 469 allocated (the probe), so there the U-Net counts as
 # nf4's. Without graphs nf4_all keeps this share of the fixed-size activations: 1318 MiB reserved in training (SD
 # 1.5, batch 2, checkpointing), fitted on that one run, in fixed-size segments.

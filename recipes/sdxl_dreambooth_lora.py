@@ -10,9 +10,8 @@ Only the conditioning differs from the SD recipe (finetune.training.conditioning
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
-from finetune.config import DataConfig, DreamBoothConfig, LoraConfig, ModelConfig, TrainConfig, modes_with, option
+from finetune.config import DataConfig, DreamBoothConfig, LoraConfig, ModelConfig, TrainConfig, option
 from finetune.training.conditioning import SDXL
 from recipes.dreambooth_lora import Result, train
 
@@ -27,9 +26,6 @@ class Config(DreamBoothConfig):
     lora: LoraConfig = option(LoraConfig(), "where LoRA goes (lora.text_encoder: both text encoders) and its size")
     train: TrainConfig = option(TrainConfig(resolution=1024), "the optimisation")
     output_dir: str = option("runs/sdxl-dreambooth-lora", "checkpoints, TensorBoard logs, samples and the LoRA")
-    # SDXL's U-Net is mostly linear layers, and its low_memory figures (4511 MiB at 4.3x the peer, BENCHMARKS.md)
-    # were measured with its convolutions in bf16; nf4_all has not been measured on SDXL.
-    modes: ClassVar[dict] = modes_with({"low_memory": {"model": {"quantize_unet": "nf4"}}})
 
 
 def main(cfg: Config) -> Result:
