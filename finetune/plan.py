@@ -56,10 +56,10 @@ HALF, FP32 = 2, 4
 # model.quantize_unet=nf4_all with CUDA graphs and expandable segments: the graphs' pool also holds the dequantized
 # weights of the convolutions a checkpointed block works with. 303 MiB on SD 1.5 (1528 MiB reserved in training
 # against nf4's 2032, whose weights are 807 MiB more), fitted on that run and used for every family (SDXL's nf4_all
-# run is the check: +3.7%). In fixed-size segments the training peak stayed at nf4's (2224 MiB reserved against 2204): after the
-# convolutions were packed, 1116 MiB stayed reserved for 469 allocated (the probe), so there the U-Net counts as
-# nf4's. Without graphs nf4_all keeps this share of the fixed-size activations: 1318 MiB reserved in training (SD
-# 1.5, batch 2, checkpointing), fitted on that one run, in fixed-size segments.
+# run is the check: +3.7%). In fixed-size segments the training peak stayed at nf4's (2224 MiB reserved against 2204):
+# after the convolutions were packed, 1116 MiB stayed reserved for 469 allocated (the probe), so there the U-Net
+# counts as nf4's. Without graphs nf4_all keeps this share of the fixed-size activations: 1318 MiB reserved in
+# training (SD 1.5, batch 2, checkpointing), fitted on that one run, in fixed-size segments.
 NF4_ALL_GRAPH_WORKING_MIB = 303
 EAGER_NF4_ALL_ACTIVATIONS = 0.77
 
