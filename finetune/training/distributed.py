@@ -25,6 +25,7 @@ from ..data.dataset import Example, class_examples
 from ..errors import FinetuneError
 from ..lora import lora_state
 from ..models import is_quantized, tile_vae
+from .accelerator import weight_dtype
 from .summary import Phase
 
 log = logging.getLogger("finetune")
@@ -65,12 +66,12 @@ def ensure_class_images(accelerator: Accelerator, pipe, data: DataConfig, prior:
     missing, share = class_image_share(accelerator, data.class_dir, prior.num_class_images)
     if missing:
         load_unet()
-        place_for_drawing(pipe, accelerator, prior.generation_offload, vae_tiling)
+        loaded = place_for_drawing(pipe, accelerator, prior.generation_offload, vae_tiling)
         generate_class_images(pipe, data.class_dir, data.class_prompt, prior, resolution, seed, accelerator.device,
                               share)
         if prior.generation_offload:
             pipe.remove_all_hooks()
-        pipeline_off_gpu(pipe)
+        pipeline_off_gpu(pipe, loaded)
     accelerator.wait_for_everyone()
     if missing:
         report_class_images(accelerator, data.class_dir, prior.num_class_images, share)
@@ -82,12 +83,21 @@ def ensure_class_images(accelerator: Accelerator, pipe, data: DataConfig, prior:
     return examples
 
 
-def place_for_drawing(pipe, accelerator: Accelerator, offload: bool, vae_tiling: bool) -> None:
+def place_for_drawing(pipe, accelerator: Accelerator, offload: bool, vae_tiling: bool) -> dict[str, dict]:
     """The pipeline in half precision on the GPU; with `offload` each model goes there only while it runs (the
-    text encoders, 1.5 GiB for SDXL, are then off the GPU while the U-Net draws)."""
+    text encoders, 1.5 GiB for SDXL, are then off the GPU while the U-Net draws).
+
+    Returns the loaded weights (state dicts) of the models that the later phases use in another dtype than the
+    drawing's: the fp32 VAE, and every model of a run with train.mixed_precision=no. pipeline_off_gpu puts them
+    back, so those phases work with the weights as loaded, not their half-precision roundings; the others are
+    used in the drawing's dtype anyway, and keeping theirs would cost a third more CPU memory while drawing."""
     dtype = generation_dtype(accelerator.device, accelerator.mixed_precision)
-    for module in pipe.components.values():
+    loaded = {}
+    for name, module in pipe.components.items():
         if isinstance(module, torch.nn.Module) and not is_quantized(module):
+            used_later_in = torch.float32 if module is pipe.vae else weight_dtype(accelerator)
+            if module.dtype != dtype and used_later_in != dtype:
+                loaded[name] = module.state_dict()  # .to() below makes new tensors and leaves these as they are
             module.to(dtype=dtype)
     if offload and accelerator.device.type == "cuda":
         pipe.enable_model_cpu_offload(device=accelerator.device)
@@ -95,10 +105,12 @@ def place_for_drawing(pipe, accelerator: Accelerator, offload: bool, vae_tiling:
         pipe.to(accelerator.device)
     if vae_tiling:
         tile_vae(pipe.vae)
+    return loaded
 
 
-def pipeline_off_gpu(pipe) -> None:
-    """Every module of the pipeline off the GPU, so that encoding starts from an empty card.
+def pipeline_off_gpu(pipe, loaded: dict[str, dict]) -> None:
+    """Every module of the pipeline off the GPU, so that encoding starts from an empty card; those that
+    place_for_drawing kept the loaded weights of (`loaded`) get them back.
 
     A 4-bit U-Net is let go instead of moved (its quantized weights are tied to the GPU): the pipeline forgets it
     and models.ensure_unet loads it again after encoding, which costs a second or two on the figures in
@@ -107,8 +119,10 @@ def pipeline_off_gpu(pipe) -> None:
         if isinstance(module, torch.nn.Module):
             if is_quantized(module):
                 pipe.register_modules(**{name: None})
-            else:
-                module.to("cpu")  # the class-image phase's end hands the cached memory back
+                continue
+            if name in loaded:  # the loaded tensors themselves, on the CPU: the half-precision copies are dropped
+                module.load_state_dict(loaded[name], assign=True)
+            module.to("cpu")  # the rest (and what no state dict holds: non-persistent buffers)
 
 
 def report_class_images(accelerator: Accelerator, folder: str | Path, wanted: int, share: list[int]) -> None:

@@ -148,8 +148,10 @@ def test_low_memory_draws_class_images_one_at_a_time_with_models_offloaded(tiny_
     monkeypatch.setattr(pipe, "enable_model_cpu_offload", lambda device=None: placed.append(("offload", device)))
     monkeypatch.setattr(pipe, "to", lambda *args, **kwargs: placed.append(("to", args)))
     gpu = type("Accelerator", (), {"device": torch.device("cuda"), "mixed_precision": "bf16"})()
-    place_for_drawing(pipe, gpu, offload=True, vae_tiling=True)
+    loaded = place_for_drawing(pipe, gpu, offload=True, vae_tiling=True)
     assert placed == [("offload", torch.device("cuda"))] and pipe.vae.use_tiling
+    # Only the VAE's fp32 weights are kept for afterwards: the others are used in bf16 later too.
+    assert set(loaded) == {"vae"} and loaded["vae"]["decoder.conv_in.weight"].dtype == torch.float32
     assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.bfloat16  # drawn in half precision
     placed.clear()
     place_for_drawing(pipe, gpu, offload=False, vae_tiling=False)
@@ -193,3 +195,35 @@ def test_low_memory_mode_turns_on_tiling_and_expandable_segments():
     assert cfg.train.vae_tiling and cfg.train.expandable_segments
     _, fast = load_recipe_config(SD15, ["train.mode=fast"])
     assert not fast.train.vae_tiling and not fast.train.expandable_segments
+
+
+def test_drawing_in_half_precision_leaves_the_loaded_weights_to_the_phases_after_it(tiny_sd1, photos, tmp_path,
+                                                                                   run_cli, monkeypatch):
+    """A GPU draws class images in bf16 (generation_dtype); the fp32 VAE that encodes the photos afterwards, and the
+    U-Net of a train.mixed_precision=no run, must hold the weights as loaded, not their bf16 roundings."""
+    from diffusers import AutoencoderKL
+
+    import finetune.training.distributed as distributed
+    monkeypatch.setattr(distributed, "generation_dtype", lambda device, mixed_precision: torch.bfloat16)
+    seen = {}
+    real_encode, real_add_lora = dreambooth_lora.encode_latents, dreambooth_lora.add_lora
+
+    def encode(vae, *args):  # the weights the encoder computes with, read at its first call
+        vae.encoder.register_forward_pre_hook(lambda module, inputs: seen.setdefault(
+            "vae", {key: value.clone() for key, value in vae.state_dict().items()}) and None)
+        return real_encode(vae, *args)
+
+    def add_lora(pipe, *args):
+        seen["unet"] = {key: value.clone() for key, value in pipe.unet.state_dict().items()}
+        return real_add_lora(pipe, *args)
+    monkeypatch.setattr(dreambooth_lora, "encode_latents", encode)
+    monkeypatch.setattr(dreambooth_lora, "add_lora", add_lora)
+    code, _, err = run_cli("train", SD15, *tiny_overrides(tiny_sd1, photos, tmp_path, **{"train.max_steps": 1}))
+    assert code == 0, err
+    assert len(list((tmp_path / "class_images").glob("class-*.png"))) == 4  # drawn in this run, in bf16
+    loaded = {"vae": AutoencoderKL.from_pretrained(tiny_sd1, subfolder="vae").state_dict(),
+              "unet": UNet2DConditionModel.from_pretrained(tiny_sd1, subfolder="unet").state_dict()}
+    for model, weights in loaded.items():
+        assert seen[model].keys() == weights.keys()
+        for key, value in weights.items():
+            assert seen[model][key].dtype == torch.float32 and torch.equal(seen[model][key], value), (model, key)
