@@ -174,13 +174,13 @@ def run_ours(arch: str, data: dict, steps: int, name: str, overrides: list[str],
                                                   else "finetune " + shlex.join(cmd[3:]))}
 
 
-def run_end_to_end(arch: str, data: dict, steps: int, work: Path, launch: str) -> dict:
-    """The whole standard job from an empty class folder: generate, train, export; timed from process start."""
+def run_end_to_end(arch: str, data: dict, steps: int, work: Path, launch: str, settings: str = "fast") -> dict:
+    """The whole standard job from an empty class folder: generate, train, export; timed from process start.
+    `settings`: the variant of ours (OURS) whose overrides it runs with."""
     fresh = work / f"class-{arch}-e2e"
     subprocess.run(["rm", "-rf", str(fresh)], check=True)
-    result = run_ours(arch, {**data, "classes": fresh}, steps, f"e2e_{launch}", OURS["fast"], work, launch)
-    result["class_images_made"] = len(list(fresh.glob("*.png")))
-    return result
+    result = run_ours(arch, {**data, "classes": fresh}, steps, f"e2e_{launch}", OURS[settings], work, launch)
+    return {**result, "e2e_settings": settings, "class_images_made": len(list(fresh.glob("*.png")))}
 
 
 def run_peer_end_to_end(arch: str, data: dict, steps: int, work: Path, peer_dir: Path) -> dict:
@@ -260,7 +260,10 @@ def markdown_rows(arch: str, results: list[dict], meta: dict) -> list[str]:
                         f"{peer_job['wall_s'] / r['wall_s']:.2f}x faster |" if peer_job.get("wall_s") else
                         f"{ours} {NOT_RUN}")
             continue
-        p = peer.get("default") or next(iter(peer.values()), {})  # the peer's variant of this run
+        # The peer's variant of this run; else its whole job's steps (default flags, measured the same way), whose
+        # peak is its class images' and is not compared.
+        p = peer.get("default") or next(iter(peer.values()), {}) or \
+            ({**peer_job, "variant": "its whole job's steps", "peak_gpu_mib": None} if peer_job.get("it_per_s") else {})
         ours = f"| {meta['date']} | {meta['gpu']} | {arch} {r['variant']} | {r['it_per_s']:.2f} it/s, " \
                f"{r['peak_gpu_mib']} MiB |"
         if not p:
@@ -268,8 +271,9 @@ def markdown_rows(arch: str, results: list[dict], meta: dict) -> list[str]:
             continue
         mem = f"{r['peak_gpu_mib'] / p['peak_gpu_mib']:.2f}x memory" if p.get("peak_gpu_mib") and \
             r["peak_gpu_mib"] else "memory not compared"
-        rows.append(f"{ours} {p['variant']}: {p['it_per_s']} it/s, {p.get('peak_gpu_mib')} MiB | "
-                    f"{r['it_per_s'] / p['it_per_s']:.2f}x speed, {mem} |")
+        peak = f", {p['peak_gpu_mib']} MiB" if p.get("peak_gpu_mib") else ""
+        rows.append(f"{ours} {p['variant']}: {p['it_per_s']} it/s{peak} | {r['it_per_s'] / p['it_per_s']:.2f}x speed, "
+                    f"{mem} |")
     return rows
 
 
@@ -287,6 +291,8 @@ def main():
                         help="the end-to-end runs' commands, comma-separated: direct (finetune train) and/or "
                              "accelerate (accelerate launch)")
     parser.add_argument("--peer-e2e", action="store_true", help="also time the peer on the end-to-end job")
+    parser.add_argument("--e2e-variant", default="fast", choices=OURS,
+                        help="the variant of ours whose settings the end-to-end runs use")
     parser.add_argument("--classes-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--rows-to", default=None, help="append the markdown rows to this file (BENCHMARKS.md)")
@@ -321,7 +327,7 @@ def main():
         record(run_peer_end_to_end(args.arch, data, args.e2e_steps, work, Path(args.peer_dir)))
     if args.e2e_steps:
         for launch in launches:
-            record(run_end_to_end(args.arch, data, args.e2e_steps, work, launch))
+            record(run_end_to_end(args.arch, data, args.e2e_steps, work, launch, args.e2e_variant))
     rows = markdown_rows(args.arch, report["results"], meta)
     print("\n".join(rows))
     if args.rows_to:  # BENCHMARKS.md: the rows go under the results table's heading, newest last

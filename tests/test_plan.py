@@ -66,7 +66,7 @@ def test_estimate_is_within_a_tenth_of_the_measured_peak(architectures, tmp_path
     if not run["variant"].startswith("e2e") and run["variant"] not in DRAWS:
         for i in range(100):
             (classes / f"class-{i:05d}-0.png").write_bytes(b"")
-    overrides = [*OURS.get(run["variant"], [*SAME_JOB, "train.mode=fast"]),
+    overrides = [*OURS.get(run.get("e2e_settings", run["variant"]), [*SAME_JOB, "train.mode=fast"]),
                  *([f"prior.num_class_images={DRAWS[run['variant']]}"] if run["variant"] in DRAWS else []), *then]
     _, cfg = load_recipe_config(CONFIGS[arch], [*overrides, *ARCH_OVERRIDES.get(arch, []),
                                                 f"model.pretrained={architectures[arch]}", f"data.class_dir={classes}"])
