@@ -48,6 +48,8 @@ OURS = {"custom": [*SAME_JOB, "train.mode=custom"], "fast": [*SAME_JOB, "train.m
                                      "train.cuda_graphs=false"],
         "low_memory_all_nf4": [*SAME_JOB, "train.mode=low_memory", "model.quantize_unet=nf4_all"],
         "fast_channels_last": [*SAME_JOB, "train.mode=fast", "train.channels_last=true"],
+        "fast_checkpointing_channels_last": [*SAME_JOB, "train.mode=fast", "train.gradient_checkpointing=true",
+                                             "train.channels_last=true"],
         "low_memory_channels_last": [*SAME_JOB, "train.mode=low_memory", "train.channels_last=true"]}
 # Variants that draw this many class images into an empty folder first: the drawing phase's time and memory.
 DRAWS = {"low_memory_draws": 4}

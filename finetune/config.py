@@ -12,7 +12,7 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, ClassVar, Literal, TypeVar, Union
 
 import yaml
 
@@ -119,7 +119,8 @@ def recipe_name(path: str | Path | None, default: str) -> str:
 def setting_as_written(path: str | Path | None, overrides: Sequence[str], section: str, key: str) -> Any:
     """One key's value as the YAML file, the overrides and train.mode's presets give it (None where unset), for
     what has to happen before the typed config exists: building it imports the recipe's module, and that import
-    starts CUDA (finetune.allocator). Bad input raises the same ConfigError that `load` would."""
+    starts CUDA (finetune.allocator). The presets are MODES' (no recipe's own `modes` changes the keys asked for
+    here). Bad input raises the same ConfigError that `load` would."""
     values = with_mode(apply_overrides(read_yaml(path) if path else {}, list(overrides))).get(section)
     return values.get(key) if isinstance(values, dict) else None
 
@@ -131,7 +132,7 @@ def load(cls: type, path: str | Path | None, overrides: Sequence[str] = ()) -> A
     """
     data = read_yaml(path) if path else {}
     data.pop("recipe", None)
-    return build(cls, with_mode(apply_overrides(data, list(overrides))))
+    return build(cls, with_mode(apply_overrides(data, list(overrides)), getattr(cls, "modes", MODES)))
 
 
 # What train.mode sets; any of these keys set in the YAML or on the command line wins over the mode. Figures behind
@@ -143,7 +144,8 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
     "fast": {"train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "optimizer": "adamw"}},
     # Activations recomputed instead of stored, the frozen U-Net's linear layers and convolutions in 4 bits (2387
     # MiB against nf4's 2891 on SD 1.5, 4023 against 4363 on SDXL, for 11% and 5% of the speed), 8-bit optimizer
-    # state. Class images one at a time: a batch's activations would set the run's peak.
+    # state. Class images one at a time: a batch's activations would set the run's peak. A recipe may change a
+    # preset where its family measured better otherwise (modes_with).
     "low_memory": {"model": {"quantize_unet": "nf4_all"},
                    "prior": {"generation_batch_size": 1, "generation_offload": True},
                    "train": {"mixed_precision": "bf16", "autocast": False, "cuda_graphs": True, "vae_tiling": True,
@@ -152,13 +154,21 @@ MODES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def with_mode(data: dict) -> dict:
-    """The config dict with train.mode's presets filled in under the keys given explicitly."""
+def modes_with(changes: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """MODES with some presets changed, for a recipe whose model family measured best with other settings."""
+    return {mode: {section: {**presets.get(section, {}), **changes.get(mode, {}).get(section, {})}
+                   for section in {*presets, *changes.get(mode, {})}}
+            for mode, presets in MODES.items()}
+
+
+def with_mode(data: dict, modes: dict[str, dict[str, dict[str, Any]]] = MODES) -> dict:
+    """The config dict with train.mode's presets (a recipe Config's `modes`) filled in under the keys given
+    explicitly."""
     train = data.get("train")
     mode = train.get("mode", "custom") if isinstance(train, dict) else "custom"
-    presets = MODES.get(mode, {})
-    if mode not in MODES:
-        raise ConfigError(f"train.mode: {mode!r} is not one of {', '.join(MODES)}")
+    presets = modes.get(mode, {})
+    if mode not in modes:
+        raise ConfigError(f"train.mode: {mode!r} is not one of {', '.join(modes)}")
     merged = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
     for section, preset in presets.items():
         if isinstance(merged.get(section, {}), dict):
@@ -545,6 +555,7 @@ class EvalConfig:
 @dataclasses.dataclass
 class DreamBoothConfig:
     """A DreamBooth-LoRA recipe's config: every section; a recipe's Config subclasses it with its own defaults."""
+    modes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = MODES  # what train.mode sets for this recipe
     model: ModelConfig = option(ModelConfig(), "the base model")
     data: DataConfig = option(DataConfig(), "subject photos and prompts")
     prior: PriorConfig = option(PriorConfig(), "prior preservation with class images")

@@ -27,22 +27,29 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 LINEAR_NF4 = ["model.quantize_unet=nf4"]  # train.mode=low_memory set nf4 for these runs (nf4_all since)
 ALL_NF4 = ["model.quantize_unet=nf4_all"]
 FIXED = ["train.expandable_segments=false"]
-MEASURED = [("sd15", "2026-12-01-h200-sd15-phases.json", {"low_memory": [*LINEAR_NF4, *FIXED], "fast": []}),
-            ("sd15", "2026-12-01-h200-sd15-phases-apart.json", {"fast": [], "e2e": []}),
+NO_CHANNELS_LAST = ["train.channels_last=false"]  # SD's fast mode has trained channels-last since the sixth session
+MEASURED = [("sd15", "2026-12-01-h200-sd15-phases.json", {"low_memory": [*LINEAR_NF4, *FIXED],
+                                                          "fast": NO_CHANNELS_LAST}),
+            ("sd15", "2026-12-01-h200-sd15-phases-apart.json", {"fast": NO_CHANNELS_LAST, "e2e": NO_CHANNELS_LAST}),
             ("sdxl", "2026-12-01-h200-sdxl-phases-apart.json", {"low_memory": FIXED, "low_memory_draws": FIXED}),
             ("sd15", "2026-12-01-h200-sd15-nf4-all-graphs.json", {"low_memory": [*ALL_NF4, *FIXED],
                                                                   "low_memory_linear_nf4": FIXED}),
             ("sd15", "2026-12-01-h200-sd15-nf4-all-eager.json", {"low_memory_all_nf4_eager": FIXED}),
-            ("sd15", "2026-12-01-h200-sd15-e2e-direct.json", {"e2e_direct": []}),
+            ("sd15", "2026-12-01-h200-sd15-e2e-direct.json", {"e2e_direct": NO_CHANNELS_LAST}),
             ("sd15", "2026-12-01-h200-sd15-before-allocator-fix.json", {"low_memory": [*LINEAR_NF4, *FIXED],
                                                                         "low_memory_all_nf4": FIXED,
                                                                         "fast_channels_last": []}),
             ("sd15", "2026-12-01-h200-sd15-allocator-fixed.json", {"low_memory": LINEAR_NF4,
                                                                    "low_memory_all_nf4": []}),
-            ("sd15", "2026-12-01-h200-sd15-e2e-with-peer.json", {"e2e_direct": []}),
+            ("sd15", "2026-12-01-h200-sd15-e2e-with-peer.json", {"e2e_direct": NO_CHANNELS_LAST}),
             ("sd15", "2026-12-01-h200-sd15-low-memory-draws.json", {"low_memory_draws": []}),
             ("sdxl", "2026-12-01-h200-sdxl-expandable-fixed.json", {"low_memory": LINEAR_NF4, "low_memory_all_nf4": [],
-                                                                    "fast_checkpointing": []})]
+                                                                    "fast_checkpointing": []}),
+            ("sd15", "2026-12-01-h200-sd15-channels-last.json", {"fast": NO_CHANNELS_LAST, "fast_channels_last": [],
+                                                                 "e2e_direct": []}),
+            ("sd15", "2026-12-01-h200-sd15-e2e-channels-last-with-peer.json", {"e2e_direct": []}),
+            ("sdxl", "2026-12-01-h200-sdxl-channels-last.json", {"fast_checkpointing": [],
+                                                                 "fast_checkpointing_channels_last": []})]
 
 
 def measured_runs():

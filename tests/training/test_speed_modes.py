@@ -31,6 +31,12 @@ def test_fast_mode_sets_its_switches_and_explicit_keys_win():
     assert cfg.model.quantize_unet == "none" and cfg.train.gradient_checkpointing is False
     mine = load_recipe_config(SD15, ["train.mode=fast", "train.optimizer=adamw8bit", "train.cuda_graphs=false"])[1]
     assert mine.train.optimizer == "adamw8bit" and mine.train.cuda_graphs is False and mine.train.autocast is False
+    # SD's recipe adds the channels-last U-Net to fast mode (measured faster on SD 1.5, slower on SDXL); only there
+    assert cfg.train.channels_last and not load_recipe_config(SD15, ["train.mode=custom"])[1].train.channels_last
+    assert not load_recipe_config(SD15, ["train.mode=low_memory"])[1].train.channels_last
+    assert not load_recipe_config(SD15, ["train.mode=fast", "train.channels_last=false"])[1].train.channels_last
+    xl = load_recipe_config(SDXL, ["train.mode=fast"])[1]
+    assert not xl.train.channels_last and xl.train.cuda_graphs and xl.train.mixed_precision == "bf16"
 
 
 def test_low_memory_mode_checkpoints_and_quantizes_and_custom_changes_nothing():
@@ -110,6 +116,7 @@ def test_fast_mode_run_trains_and_reports_what_it_used(tiny_sd1, photos, tmp_pat
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["mode"] == "fast" and summary["cuda_graphs"] is False  # no GPU here: said so, trained eagerly
+    assert summary["channels_last"] is True
     assert "train.cuda_graphs is off for this run: there is no CUDA GPU" in caplog.text
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
 
